@@ -1,0 +1,26 @@
+"""anomalib-diffusion: diffusion-based anomaly detection models for anomalib.
+
+Importing this package is cheap on purpose: a ``.pth`` line installed with it imports
+:mod:`anomalib_diffusion._import_hook` in every Python process, so nothing here may pull in
+torch or anomalib. The model classes load on first attribute access.
+
+Example:
+    >>> from anomalib_diffusion import RADAR  # doctest: +SKIP
+    >>> model = RADAR()  # doctest: +SKIP
+"""
+
+from importlib import import_module
+from typing import Any
+
+__version__ = "0.1.0"
+
+_MODELS = ("RADAR",)
+
+__all__ = ["__version__", *_MODELS]
+
+
+def __getattr__(name: str) -> Any:  # noqa: ANN401
+    if name in _MODELS:
+        return getattr(import_module("anomalib_diffusion.models"), name)
+    msg = f"module 'anomalib_diffusion' has no attribute {name!r}"
+    raise AttributeError(msg)

@@ -1,0 +1,34 @@
+"""Building blocks shared by the package's models."""
+
+from .checkpoints import CheckpointOwnerMixin
+from .edges import edge_features, global_l2, max_window_l2, sobel_edge_map
+from .isolation_forest import TensorIsolationForest, average_path_length
+from .noising import make_ddpm_scheduler, noise_at_timestep, seeded_noise
+from .patches import extract_patches, grid_size, pad_to, random_patches, stitch_patches
+from .training_data import collect_training_features, training_images_loader
+from .unet import UNetConfig, as_int_tuple, build_unet
+from .validation import check_image_batch
+
+__all__ = [
+    "CheckpointOwnerMixin",
+    "collect_training_features",
+    "training_images_loader",
+    "TensorIsolationForest",
+    "UNetConfig",
+    "as_int_tuple",
+    "average_path_length",
+    "build_unet",
+    "check_image_batch",
+    "edge_features",
+    "extract_patches",
+    "global_l2",
+    "grid_size",
+    "make_ddpm_scheduler",
+    "max_window_l2",
+    "noise_at_timestep",
+    "pad_to",
+    "random_patches",
+    "seeded_noise",
+    "sobel_edge_map",
+    "stitch_patches",
+]

@@ -1,0 +1,18 @@
+"""The package's anomalib models, aliased into ``anomalib.models`` on import.
+
+``anomalib.models.get_model("radar")`` and ``anomalib benchmark`` look models up among the
+direct subclasses of ``AnomalibModule`` and the attributes of ``anomalib.models``; importing
+this module makes both see the classes below (see :mod:`anomalib_diffusion._import_hook`).
+"""
+
+from importlib import import_module
+
+from .radar import RADAR
+
+__all__ = ["RADAR"]
+
+# import_module, not `import anomalib.models`: when the import hook runs this, anomalib.models
+# has executed but is not yet bound as an attribute of the anomalib package.
+_anomalib_models = import_module("anomalib.models")
+for _name in __all__:
+    setattr(_anomalib_models, _name, globals()[_name])

@@ -1,0 +1,151 @@
+"""PyTorch model of RADAR: single-step, reconstruction-free diffusion anomaly detection.
+
+Paper: M. Moradi, M. Grasso, B. M. Colosimo, K. Paynabar, "Single-Step Reconstruction-Free
+Anomaly Detection and Segmentation via Diffusion Models", arXiv:2508.04818, 2025.
+
+Training is DDPM epsilon-prediction on patches of normal images. Inference is ONE forward
+diffusion step: the image is noised to timestep ``t`` with a fixed, seeded noise tensor ``eps``,
+the U-Net predicts the noise, and the residual ``eps_theta(x_t, t) - eps`` is the noise map:
+near zero where the image looks like the training data, structured where it does not. A Sobel
+filter on the noise map gives the pixel map; its global L2 norm and its largest sliding-window
+L2 norm are the two image features that an Isolation Forest turns into the image score.
+"""
+
+import math
+from typing import Literal
+
+import torch
+from anomalib.data import InferenceBatch
+from anomalib.models.components import GaussianBlur2d
+from torch import nn
+
+from anomalib_diffusion.components import (
+    TensorIsolationForest,
+    UNetConfig,
+    build_unet,
+    edge_features,
+    extract_patches,
+    grid_size,
+    make_ddpm_scheduler,
+    noise_at_timestep,
+    pad_to,
+    seeded_noise,
+    sobel_edge_map,
+    stitch_patches,
+)
+
+InferenceMode = Literal["patch", "full"]
+
+# Side of the seeded noise tile. Larger images reuse it periodically, so the noise at a pixel
+# never depends on which image sizes were seen before (inference stays deterministic).
+NOISE_TILE = 256
+
+
+class RADARModel(nn.Module):
+    """RADAR network: a diffusion U-Net, a one-step noise map and a tensor Isolation Forest.
+
+    Args:
+        unet: Shape of the noise-prediction U-Net (its ``sample_size`` is the patch size).
+        stride: Step between overlapping patches at inference (``inference_mode="patch"``).
+        timestep: The single diffusion timestep ``t`` used at inference.
+        window_size: Side of the sliding window of the local L2 feature.
+        inference_mode: ``"patch"`` stitches overlapping patch predictions (the paper's way);
+            ``"full"`` runs the fully convolutional U-Net once on the whole image (faster).
+        train_timestep_range: ``[low, high)`` range of timesteps sampled during training.
+        anomaly_map_sigma: Standard deviation of the Gaussian that smooths the Sobel map.
+        noise_seed: Seed of the fixed inference noise.
+        n_estimators: Trees of the Isolation Forest.
+        contamination: Isolation Forest contamination (moves only where its score crosses 0).
+        inference_chunk_size: Patches (or images) per U-Net call in eager inference; bounds memory.
+    """
+
+    def __init__(
+        self,
+        unet: UNetConfig,
+        stride: int = 32,
+        timestep: int = 100,
+        window_size: int = 32,
+        inference_mode: InferenceMode = "patch",
+        train_timestep_range: tuple[int, int] = (0, 1000),
+        anomaly_map_sigma: float = 4.0,
+        noise_seed: int = 0,
+        n_estimators: int = 100,
+        contamination: float | str = "auto",
+        inference_chunk_size: int = 64,
+    ) -> None:
+        super().__init__()
+        self.unet_config = unet
+        self.patch_size = unet.sample_size
+        self.stride = stride
+        self.timestep = timestep
+        self.window_size = window_size
+        self.inference_mode = inference_mode
+        self.train_timestep_range = train_timestep_range
+        self.inference_chunk_size = inference_chunk_size
+        self.unet = build_unet(unet)
+        self.scheduler = make_ddpm_scheduler()
+        self.forest = TensorIsolationForest(n_estimators=n_estimators, contamination=contamination)
+        kernel_size = 2 * math.ceil(3 * anomaly_map_sigma) + 1
+        self.blur = GaussianBlur2d(sigma=anomaly_map_sigma, channels=1, kernel_size=kernel_size)
+        tile = seeded_noise((1, unet.in_channels, NOISE_TILE, NOISE_TILE), noise_seed)
+        self.register_buffer("noise_tile", tile, persistent=False)
+        self.noise_tile: torch.Tensor
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | InferenceBatch:
+        """Training: ``patches -> (predicted noise, true noise)``. Eval: ``images -> InferenceBatch``.
+
+        Images are RGB in ``[0, 1]``; the U-Net works in ``[-1, 1]`` as in DDPM.
+        """
+        if self.training:
+            return self.predict_training_noise(images)
+        edge_map = sobel_edge_map(self.noise_map(images))
+        pred_score = self.forest(edge_features(edge_map, self.window_size))
+        return InferenceBatch(pred_score=pred_score, anomaly_map=self.blur(edge_map))
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, 2)`` Isolation Forest inputs: global and max-window L2 norms of the Sobel noise map."""
+        return edge_features(sobel_edge_map(self.noise_map(images)), self.window_size)
+
+    def predict_training_noise(self, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """DDPM training pair for random timesteps: ``(eps_theta(x_t, t), eps)``."""
+        samples = patches * 2 - 1
+        noise = torch.randn_like(samples)
+        low, high = self.train_timestep_range
+        timesteps = torch.randint(low, high, (samples.shape[0],), device=samples.device)
+        noisy = self.scheduler.add_noise(samples, noise, timesteps)
+        return self.unet(noisy, timesteps).sample, noise
+
+    def noise_map(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` images -> ``(B, 1, H, W)`` per-pixel norm of ``eps_theta(x_t, t) - eps``."""
+        batch, _, height, width = images.shape
+        if self.inference_mode == "patch":
+            padded_size = (
+                grid_size(height, self.patch_size, self.stride),
+                grid_size(width, self.patch_size, self.stride),
+            )
+        else:
+            factor = self.unet_config.downsampling_factor
+            padded_size = (math.ceil(height / factor) * factor, math.ceil(width / factor) * factor)
+        samples = pad_to(images * 2 - 1, *padded_size)
+        noise = self.inference_noise(*padded_size).expand(batch, -1, -1, -1)
+        noisy = noise_at_timestep(self.scheduler, samples, noise, self.timestep)
+        if self.inference_mode == "patch":
+            patches = extract_patches(noisy, self.patch_size, self.stride)
+            predicted = stitch_patches(self.predict_noise(patches), batch, padded_size, self.stride)
+        else:
+            predicted = self.predict_noise(noisy)
+        residual = (predicted - noise)[..., :height, :width]
+        return torch.linalg.vector_norm(residual, dim=1, keepdim=True)
+
+    def inference_noise(self, height: int, width: int) -> torch.Tensor:
+        """The fixed noise ``eps`` for an image of this size: the seeded tile, repeated."""
+        repeats = (1, 1, math.ceil(height / NOISE_TILE), math.ceil(width / NOISE_TILE))
+        return self.noise_tile.repeat(repeats)[..., :height, :width]
+
+    def predict_noise(self, samples: torch.Tensor) -> torch.Tensor:
+        """``eps_theta(x_t, t)`` at the inference timestep, in chunks when running eagerly."""
+        # A symbolic batch size means torch.export is tracing: one call, no shape-dependent branch.
+        if isinstance(samples.shape[0], torch.SymInt) or samples.shape[0] <= self.inference_chunk_size:
+            return self.unet(samples, self.timestep).sample
+        chunks = samples.split(self.inference_chunk_size)
+        return torch.cat([self.unet(chunk, self.timestep).sample for chunk in chunks])
