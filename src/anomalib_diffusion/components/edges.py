@@ -10,8 +10,8 @@ from kornia.filters import sobel
 
 
 def sobel_edge_map(noise_map: torch.Tensor) -> torch.Tensor:
-    """Gradient magnitude of a ``(B, 1, H, W)`` map (replicate padding at the border)."""
-    return sobel(noise_map, normalized=True)
+    """Gradient magnitude of a ``(B, 1, H, W)`` map (replicate padding; no epsilon, maps are not differentiated)."""
+    return sobel(noise_map, normalized=True, eps=0.0)
 
 
 def global_l2(edge_map: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F  # noqa: N812
 from anomalib import LearningType
-from anomalib.data import Batch
+from anomalib.data import Batch, InferenceBatch
 from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
 from anomalib.pre_processing import PreProcessor
@@ -154,6 +154,12 @@ class RADAR(CheckpointOwnerMixin, AnomalibModule):
         backbones; the resize keeps exported graphs at a fixed size.
         """
         return PreProcessor(transform=Resize(_size_pair(image_size or DEFAULT_IMAGE_SIZE), antialias=True))
+
+    def forward(self, batch: torch.Tensor, *args, **kwargs) -> InferenceBatch:
+        """Pre-process, score and post-process raw images (what exported models compute)."""
+        if not torch.compiler.is_exporting():
+            check_image_batch(batch, self.name, min_size=1)
+        return super().forward(batch, *args, **kwargs)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.model.unet.parameters(), lr=self.learning_rate)

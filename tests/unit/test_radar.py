@@ -1,0 +1,163 @@
+"""Unit tests of RADAR's torch model and lightning module, without a training run."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from anomalib.data import ImageBatch, InferenceBatch
+
+from anomalib_diffusion.components import UNetConfig
+from anomalib_diffusion.models import RADAR
+from anomalib_diffusion.models.radar import RADARModel
+from anomalib_diffusion.models.radar.torch_model import NOISE_TILE
+
+TINY = {
+    "image_size": 64,
+    "patch_size": 32,
+    "stride": 16,
+    "block_out_channels": (8, 16),
+    "attention_resolutions": (16,),
+    "n_estimators": 10,
+    "max_steps": 2,
+}
+
+
+def tiny_model(**overrides: object) -> RADARModel:
+    config = {"stride": 16, "window_size": 16, "n_estimators": 10} | overrides
+    torch.manual_seed(0)
+    model = RADARModel(unet=UNetConfig(sample_size=32, block_out_channels=(8, 16), attention_resolutions=(16,)), **config)
+    model.forest.fit(np.random.default_rng(0).random((20, 2)).astype(np.float32))
+    return model.eval()
+
+
+class TestRADARModel:
+    @pytest.mark.parametrize("mode", ["patch", "full"])
+    @pytest.mark.parametrize(("height", "width"), [(64, 64), (70, 90), (32, 33)])
+    def test_outputs_have_the_input_size(self, mode: str, height: int, width: int) -> None:
+        model = tiny_model(inference_mode=mode)
+        with torch.no_grad():
+            output = model(torch.rand(2, 3, height, width))
+        assert isinstance(output, InferenceBatch)
+        assert output.anomaly_map.shape == (2, 1, height, width)
+        assert output.pred_score.shape == (2,)
+        assert torch.isfinite(output.anomaly_map).all()
+
+    @pytest.mark.parametrize("mode", ["patch", "full"])
+    def test_inference_is_deterministic(self, mode: str) -> None:
+        model = tiny_model(inference_mode=mode)
+        images = torch.rand(3, 3, 64, 64)
+        with torch.no_grad():
+            first = model(images)
+            torch.manual_seed(999)  # the global RNG must not matter
+            model(torch.rand(1, 3, 300, 300))  # nor which sizes were seen before
+            second = model(images)
+        torch.testing.assert_close(first.anomaly_map, second.anomaly_map, rtol=0, atol=0)
+        torch.testing.assert_close(first.pred_score, second.pred_score, rtol=0, atol=0)
+
+    def test_each_image_is_scored_independently_of_the_batch(self) -> None:
+        model = tiny_model()
+        images = torch.rand(4, 3, 64, 64)
+        with torch.no_grad():
+            batched = model(images)
+            single = model(images[2:3])
+        torch.testing.assert_close(batched.anomaly_map[2:3], single.anomaly_map, rtol=1e-5, atol=1e-6)
+
+    def test_chunked_inference_equals_one_call(self) -> None:
+        model = tiny_model()
+        images = torch.rand(2, 3, 64, 64)
+        with torch.no_grad():
+            whole = model.noise_map(images)
+            model.inference_chunk_size = 3
+            chunked = model.noise_map(images)
+        torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-6)
+
+    def test_noise_tile_repeats_for_large_images(self) -> None:
+        model = tiny_model()
+        noise = model.inference_noise(NOISE_TILE + 10, 2 * NOISE_TILE)
+        assert noise.shape == (1, 3, NOISE_TILE + 10, 2 * NOISE_TILE)
+        torch.testing.assert_close(noise[..., :10, NOISE_TILE:], model.noise_tile[..., :10, :])
+
+    def test_noise_map_is_the_noise_prediction_residual(self) -> None:
+        model = tiny_model(inference_mode="full")
+        images = torch.rand(1, 3, 32, 32)
+        noise = model.inference_noise(32, 32)
+        noisy = model.scheduler.add_noise(images * 2 - 1, noise, torch.tensor([model.timestep]))
+        with torch.no_grad():
+            expected = torch.linalg.vector_norm(model.unet(noisy, model.timestep).sample - noise, dim=1, keepdim=True)
+            torch.testing.assert_close(model.noise_map(images), expected)
+
+    def test_training_forward_returns_prediction_and_target(self) -> None:
+        model = tiny_model().train()
+        predicted, noise = model(torch.rand(5, 3, 32, 32))
+        assert predicted.shape == noise.shape == (5, 3, 32, 32)
+        assert predicted.requires_grad
+
+
+class TestRADARModule:
+    def test_default_pre_processor_resizes_without_imagenet_normalisation(self) -> None:
+        model = RADAR(**TINY)
+        transformed = model.pre_processor(torch.full((1, 3, 100, 80), 0.5))
+        assert transformed.shape == (1, 3, 64, 64)
+        torch.testing.assert_close(transformed, torch.full((1, 3, 64, 64), 0.5))
+
+    @pytest.mark.parametrize(
+        ("overrides", "message"),
+        [
+            ({"image_size": 48}, "smaller than patch_size=64"),
+            ({"stride": 0}, "stride=0"),
+            ({"timestep": 1000}, "timestep=1000"),
+            ({"inference_mode": "tiles"}, "'patch' or 'full'"),
+            ({"train_timestep_range": (10, 5)}, "train_timestep_range"),
+            ({"max_steps": 0}, "max_steps=0"),
+            ({"image_size": (1, 2, 3)}, "one integer or \\[height, width\\]"),
+        ],
+    )
+    def test_bad_configuration_is_rejected(self, overrides: dict, message: str) -> None:
+        with pytest.raises(ValueError, match=message):
+            RADAR(**overrides)
+
+    def test_trainer_arguments_bound_training_and_validate_once(self) -> None:
+        arguments = RADAR(**TINY).trainer_arguments
+        assert arguments["max_steps"] == 2
+        assert arguments["val_check_interval"] == 2
+        assert arguments["check_val_every_n_epoch"] is None
+
+    def test_training_stops_with_a_message_on_nan_loss(self) -> None:
+        model = RADAR(**TINY)
+        with torch.no_grad():
+            for parameter in model.model.unet.parameters():
+                parameter.fill_(float("nan"))
+        batch = ImageBatch(image=torch.rand(2, 3, 64, 64))
+        with pytest.raises(FloatingPointError, match="training loss became nan at step 0"):
+            model.training_step(batch, 0)
+
+    @pytest.mark.parametrize(("channels", "hint"), [(1, "grayscale"), (4, "RGBA")])
+    def test_inference_rejects_non_rgb_tensors(self, channels: int, hint: str) -> None:
+        with pytest.raises(ValueError, match=hint):
+            RADAR(**TINY)(torch.rand(2, channels, 64, 64))
+
+    def test_training_rejects_images_smaller_than_the_patch(self) -> None:
+        model = RADAR(**TINY)
+        with pytest.raises(ValueError, match="24x24 images, smaller than its patch_size=32"):
+            model.training_step(ImageBatch(image=torch.rand(2, 3, 24, 24)), 0)
+
+    @pytest.mark.parametrize("export", ["to_torch", "to_onnx", "to_openvino"])
+    def test_export_before_fitting_is_refused(self, export: str, tmp_path: Path) -> None:
+        with pytest.raises(RuntimeError, match="cannot export before it is fitted"):
+            getattr(RADAR(**TINY), export)(tmp_path)
+        assert not any(tmp_path.rglob("*.*")), "nothing may be written on refusal"
+
+    def test_checkpoint_of_another_model_is_refused(self) -> None:
+        from anomalib.models import Padim
+
+        checkpoint = {"state_dict": Padim(pre_trained=False).state_dict(), "hyper_parameters": {}}
+        with pytest.raises(ValueError, match="not a RADAR checkpoint: it was saved by a model outside"):
+            RADAR(**TINY).on_load_checkpoint(checkpoint)
+
+    def test_checkpoint_hooks_tag_the_owner(self) -> None:
+        checkpoint: dict = {}
+        model = RADAR(**TINY)
+        model.on_save_checkpoint(checkpoint)
+        assert checkpoint["anomalib_diffusion"]["model"] == "RADAR"
+        model.on_load_checkpoint(checkpoint)
