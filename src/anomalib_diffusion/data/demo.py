@@ -1,0 +1,456 @@
+"""A small offline demo data set in the MVTec AD folder layout, with planted defects.
+
+The normal images are random crops of the CC0 textures that ship inside the scikit-image wheel
+(``brick``, ``grass`` and ``gravel``), tinted into genuine RGB. Each defect type paints a change
+into a clean crop and its ground-truth mask is computed from that change: a mask pixel is set
+exactly where the saved defective image differs from the clean crop it was made from.
+
+The result is read unchanged by anomalib's own readers::
+
+    root/<category>/train/good/000.png
+    root/<category>/test/good/000.png
+    root/<category>/test/<defect_type>/000.png
+    root/<category>/ground_truth/<defect_type>/000_mask.png
+
+This generator only makes evaluation data. It deliberately shares nothing with the training-time
+anomaly synthesis in :mod:`anomalib_diffusion.components`, so that a model is never scored on
+defects drawn by the same code that it was trained against.
+
+Example:
+    >>> from anomalib.data import MVTecAD  # doctest: +SKIP
+    >>> root = make_demo_dataset("datasets/demo", categories=("brick",))  # doctest: +SKIP
+    >>> datamodule = MVTecAD(root=root, category="brick")  # doctest: +SKIP
+
+Or from a shell: ``python -m anomalib_diffusion.data.demo --root datasets/demo``.
+"""
+
+import argparse
+import inspect
+import json
+import numbers
+import shutil
+import uuid
+import zlib
+from collections.abc import Callable, Sequence
+from functools import lru_cache
+from pathlib import Path
+from types import MappingProxyType
+
+import cv2
+import numpy as np
+import skimage.data
+from PIL import Image
+from tqdm import tqdm
+
+__all__ = ["DEMO_CATEGORIES", "DEMO_DEFECT_TYPES", "main", "make_demo_dataset"]
+
+DEMO_CATEGORIES: MappingProxyType[str, Callable[[], np.ndarray]] = MappingProxyType(
+    {
+        "brick": skimage.data.brick,
+        "grass": skimage.data.grass,
+        "gravel": skimage.data.gravel,
+    },
+)
+"""Category name -> loader of its 512x512 grayscale source texture (bundled with scikit-image)."""
+
+DEMO_DEFECT_TYPES = ("contamination", "hole", "scratch", "stain")
+"""Planted defect types; every category's test split has one folder per type."""
+
+# Dark and light end of the colour ramp each texture's gray levels are mapped onto. Distinct hues
+# make every image a real 3-channel image and let `contamination` be seen as foreign material.
+_TINTS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
+    "brick": ((0.22, 0.07, 0.04), (0.93, 0.62, 0.48)),
+    "grass": ((0.04, 0.12, 0.02), (0.70, 0.88, 0.40)),
+    "gravel": ((0.16, 0.13, 0.10), (0.95, 0.88, 0.74)),
+}
+
+# Candidate stain colours (oil, rust, ink, bleach); a stain takes one far from the local colour.
+_STAIN_COLOURS = np.array(
+    [(0.12, 0.08, 0.04), (0.62, 0.32, 0.08), (0.16, 0.22, 0.55), (0.86, 0.86, 0.80)],
+    dtype=np.float32,
+)
+
+# Visible but not trivially large: fraction of the image area a defect mask may cover.
+_MIN_DEFECT_AREA = 0.003
+_MAX_DEFECT_AREA = 0.05
+_MAX_DEFECT_ATTEMPTS = 50
+
+# Crops are at least this wide in source pixels, so that even a 32-64 px image shows several
+# bricks or stones instead of a magnified fraction of one.
+_MIN_CROP = 224
+_MAX_CROP_ZOOM = 1.25
+
+_MIN_IMAGE_SIZE = 32
+_MAX_IMAGE_SIZE = 512
+
+_MARKER_NAME = ".demo_dataset.json"
+# Bump when the images a given set of arguments produces change, so old sets are not reused.
+_FORMAT_VERSION = 1
+
+
+@lru_cache(maxsize=None)
+def _texture(category: str) -> np.ndarray:
+    """Gray source texture stretched to [0, 1]; the raw brick only spans gray levels 63-207."""
+    gray = DEMO_CATEGORIES[category]().astype(np.float32)
+    low, high = np.percentile(gray, (0.5, 99.5))
+    texture = np.clip((gray - low) / (high - low), 0.0, 1.0)
+    texture.setflags(write=False)
+    return texture
+
+
+def _tint(gray: np.ndarray, category: str) -> np.ndarray:
+    dark, light = (np.array(colour, dtype=np.float32) for colour in _TINTS[category])
+    return dark + gray[..., None] * (light - dark)
+
+
+def _clean_crop(category: str, rng: np.random.Generator, image_size: int) -> np.ndarray:
+    """A random RGB crop, float32 in [0, 1], resized to ``image_size`` and randomly flipped/rotated."""
+    texture = _texture(category)
+    base = max(image_size, _MIN_CROP)
+    crop = int(rng.integers(base, min(texture.shape[0], round(base * _MAX_CROP_ZOOM)) + 1))
+    top, left = rng.integers(0, texture.shape[0] - crop + 1, size=2)
+    gray = texture[top : top + crop, left : left + crop]
+    if crop != image_size:
+        gray = cv2.resize(gray, (image_size, image_size), interpolation=cv2.INTER_AREA)
+    gray = np.rot90(gray, k=int(rng.integers(4)))
+    if rng.random() < 0.5:
+        gray = gray[:, ::-1]
+    return _tint(np.ascontiguousarray(gray), category)
+
+
+def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
+    """Zero-mean, unit-scale noise that varies over about ``size / cells`` pixels."""
+    coarse = rng.standard_normal((cells, cells)).astype(np.float32)
+    return cv2.resize(coarse, (size, size), interpolation=cv2.INTER_CUBIC)
+
+
+def _blob(rng: np.random.Generator, size: int, area: tuple[float, float], roughness: float) -> np.ndarray:
+    """Normalised distance to the centre of a random irregular ellipse: the blob is where it is < 1."""
+    target = rng.uniform(*area) * size * size
+    aspect = rng.uniform(0.45, 1.0)
+    major = np.sqrt(target / (np.pi * aspect))
+    minor = aspect * major
+    angle = rng.uniform(0.0, np.pi)
+    centre_y, centre_x = rng.uniform(major, size - major, size=2)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    u = (xx - centre_x) * np.cos(angle) + (yy - centre_y) * np.sin(angle)
+    v = -(xx - centre_x) * np.sin(angle) + (yy - centre_y) * np.cos(angle)
+    return np.sqrt((u / major) ** 2 + (v / minor) ** 2) + roughness * _smooth_noise(rng, size, cells=10)
+
+
+def _luminance(rgb: np.ndarray) -> np.ndarray:
+    return rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+def _scratch(image: np.ndarray, rng: np.random.Generator, _category: str) -> np.ndarray:
+    """A thin bright or dark curve (quadratic Bezier) that contrasts with what it crosses."""
+    size = image.shape[0]
+    length = rng.uniform(0.3, 0.6) * size
+    angle = rng.uniform(0.0, np.pi)
+    direction = np.array([np.cos(angle), np.sin(angle)])
+    normal = np.array([-direction[1], direction[0]])
+    centre = rng.uniform(0.3 * size, 0.7 * size, size=2)
+    start, end = centre - direction * length / 2, centre + direction * length / 2
+    control = centre + normal * rng.uniform(-0.3, 0.3) * length
+    t = np.linspace(0.0, 1.0, 64)[:, None]
+    curve = (1 - t) ** 2 * start + 2 * t * (1 - t) * control + t**2 * end
+    # 2-4 px from 64 to 256 px images; thinner below and wider above, so that a scratch keeps its
+    # look and its share of the image area.
+    scale = size / 256 if size > 256 else min(1.0, size / 64)
+    thickness = max(1, round(int(rng.integers(2, 5)) * scale))
+    canvas = np.zeros((size, size), dtype=np.uint8)
+    # LINE_8 rather than anti-aliased: a scratch has a hard edge, and so has its mask.
+    cv2.polylines(canvas, [np.round(curve).astype(np.int32)], isClosed=False, color=1, thickness=thickness)
+    region = canvas.astype(bool)
+    colour = np.array((0.94, 0.93, 0.90) if _luminance(image[region]).mean() < 0.5 else (0.05, 0.05, 0.06))
+    # Per-pixel jitter keeps the scratch from looking like a flat vector drawing.
+    jitter = rng.normal(0.0, 0.03, size=(int(region.sum()), 1))
+    result = image.copy()
+    result[region] = np.clip(0.15 * image[region] + 0.85 * (colour + jitter), 0.0, 1.0)
+    return result
+
+
+def _stain(image: np.ndarray, rng: np.random.Generator, _category: str) -> np.ndarray:
+    """A blotch of a foreign colour, strongest in its middle, through which the texture still shows."""
+    distance = _blob(rng, image.shape[0], area=(0.01, 0.035), roughness=0.35)
+    region = distance < 1.0
+    local = image[region].mean(axis=0)
+    farthest = np.argsort(-np.linalg.norm(_STAIN_COLOURS - local, axis=1))[:2]
+    colour = _STAIN_COLOURS[rng.choice(farthest)]
+    # Opacity at least 0.6 even at the rim, so the stain's edge (and its mask) is a visible one.
+    alpha = np.clip(0.6 + 0.4 * (1.0 - distance[region]), 0.6, 0.9)[:, None]
+    shading = 0.6 + 0.8 * _luminance(image[region])[:, None]
+    result = image.copy()
+    result[region] = np.clip((1 - alpha) * image[region] + alpha * colour * shading, 0.0, 1.0)
+    return result
+
+
+def _hole(image: np.ndarray, rng: np.random.Generator, _category: str) -> np.ndarray:
+    """A dark cavity, deepest in its middle, that replaces the texture completely."""
+    distance = _blob(rng, image.shape[0], area=(0.006, 0.025), roughness=0.2)
+    region = distance < 1.0
+    depth = np.clip(1.0 - distance[region], 0.0, 1.0)[:, None]
+    rim = rng.uniform(0.08, 0.14)
+    shade = rim * (1.0 - 0.6 * depth) + rng.normal(0.0, 0.008, size=depth.shape)
+    result = image.copy()
+    result[region] = np.clip(shade * np.array([1.0, 0.95, 0.9]), 0.0, 1.0)
+    return result
+
+
+def _contamination(image: np.ndarray, rng: np.random.Generator, category: str) -> np.ndarray:
+    """A patch of another category's texture, like a foreign object lying on the surface."""
+    foreign = str(rng.choice(sorted(set(DEMO_CATEGORIES) - {category})))
+    patch = _clean_crop(foreign, rng, image.shape[0])
+    region = _blob(rng, image.shape[0], area=(0.01, 0.035), roughness=0.45) < 1.0
+    result = image.copy()
+    result[region] = patch[region]
+    return result
+
+
+_DEFECTS: dict[str, Callable[[np.ndarray, np.random.Generator, str], np.ndarray]] = {
+    "contamination": _contamination,
+    "hole": _hole,
+    "scratch": _scratch,
+    "stain": _stain,
+}
+
+
+def _to_uint8(image: np.ndarray) -> np.ndarray:
+    return np.round(np.clip(image, 0.0, 1.0) * 255).astype(np.uint8)
+
+
+def _render_sample(
+    category: str,
+    split: str,
+    label: str,
+    index: int,
+    image_size: int,
+    seed: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Render one sample as ``(clean, image, mask)``.
+
+    ``clean`` and ``image`` are uint8 HxWx3 arrays, ``mask`` a bool HxW array that is True exactly
+    where ``image`` differs from ``clean`` (all False for ``label == "good"``, where the two are
+    equal). Every sample has its own random stream, derived from the seed and the sample's place
+    in the data set, so a sample does not change when the number of other samples does.
+    """
+    keys = (seed, zlib.crc32(category.encode()), zlib.crc32(f"{split}/{label}".encode()), index)
+    rng = np.random.default_rng(np.random.SeedSequence(keys))
+    clean_float = _clean_crop(category, rng, image_size)
+    clean = _to_uint8(clean_float)
+    if label == "good":
+        return clean, clean.copy(), np.zeros(clean.shape[:2], dtype=bool)
+    # A random draw can land almost entirely outside the image or on pixels it barely changes;
+    # redraw (from the same stream, so still deterministic) until the defect has a sensible size.
+    for _ in range(_MAX_DEFECT_ATTEMPTS):
+        image = _to_uint8(_DEFECTS[label](clean_float, rng, category))
+        mask = (image != clean).any(axis=-1)
+        if _MIN_DEFECT_AREA <= mask.mean() <= _MAX_DEFECT_AREA:
+            return clean, image, mask
+    msg = f"Could not draw a '{label}' defect covering {_MIN_DEFECT_AREA:.1%}-{_MAX_DEFECT_AREA:.0%} of the image."
+    raise RuntimeError(msg)
+
+
+def _save_png(array: np.ndarray, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path, format="PNG")
+
+
+def _check_categories(categories: Sequence[str]) -> None:
+    if not categories:
+        msg = f"categories is empty; pass at least one of {', '.join(DEMO_CATEGORIES)}."
+        raise ValueError(msg)
+    for category in categories:
+        if category not in DEMO_CATEGORIES:
+            msg = f"Unknown demo category {category!r}; choose from {', '.join(DEMO_CATEGORIES)}."
+            raise ValueError(msg)
+
+
+def _checked_int(name: str, value: object, low: int, high: int | None, fix: str) -> int:
+    """``value`` as a plain int (NumPy integers welcome, bools not), or a ValueError that says how to fix it."""
+    is_integer = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if is_integer and value >= low and (high is None or value <= high):
+        return int(value)
+    bounds = f">= {low}" if high is None else f"from {low} to {high}"
+    msg = f"{name} must be an integer {bounds}, got {value!r}; {fix}."
+    raise ValueError(msg)
+
+
+def _read_marker(directory: Path) -> dict | None:
+    try:
+        return json.loads((directory / _MARKER_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _fresh_sibling(root: Path, prefix: str) -> Path:
+    """A new hidden folder in ``root``; unlike tempfile.mkdtemp's 0700, it gets the umask's permissions."""
+    path = root / f"{prefix}-{uuid.uuid4().hex[:12]}"
+    path.mkdir()
+    return path
+
+
+def _build_category(directory: Path, settings: dict, progress_bar: tqdm) -> None:
+    category = settings["category"]
+    folders = [("train", "good", settings["n_train"]), ("test", "good", settings["n_test_good"])]
+    folders += [("test", defect, settings["n_test_per_defect"]) for defect in DEMO_DEFECT_TYPES]
+    for split, label, count in folders:
+        # Zero-padded to a common width so that anomalib's sorted image and mask lists line up.
+        width = max(3, len(str(count - 1)))
+        for index in range(count):
+            _, image, mask = _render_sample(category, split, label, index, settings["image_size"], settings["seed"])
+            _save_png(image, directory / split / label / f"{index:0{width}d}.png")
+            if label != "good":
+                mask_path = directory / "ground_truth" / label / f"{index:0{width}d}_mask.png"
+                _save_png(mask.astype(np.uint8) * 255, mask_path)
+            progress_bar.update()
+    # Written last: its presence is what marks the category as complete.
+    (directory / _MARKER_NAME).write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+
+
+def make_demo_dataset(
+    root: str | Path,
+    categories: Sequence[str] = ("brick", "grass", "gravel"),
+    n_train: int = 40,
+    n_test_good: int = 10,
+    n_test_per_defect: int = 8,
+    image_size: int = 256,
+    seed: int = 0,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Build the demo data set under ``root`` (one MVTec AD style folder per category).
+
+    Each category is built in a hidden temporary folder next to its final place and renamed into
+    place only once complete, so an interrupted or failed build never leaves a partial category
+    behind. A category that already holds a complete demo set built with the same arguments is
+    kept as it is, which makes repeated calls cheap.
+
+    Args:
+        root: Folder that receives one sub-folder per category; created if missing.
+        categories: Names from :data:`DEMO_CATEGORIES` (a single name may be passed as a string).
+        n_train: Normal training images per category.
+        n_test_good: Normal test images per category.
+        n_test_per_defect: Test images per category and per type in :data:`DEMO_DEFECT_TYPES`.
+        image_size: Side of the square images in pixels, from 32 to 512.
+        seed: Seed of all random choices; the same arguments give byte-identical files.
+        overwrite: Replace ``root/<category>`` folders that already exist, whatever they hold.
+        progress: Show a tqdm progress bar.
+
+    Returns:
+        The absolute path of ``root``, ready for ``anomalib.data.MVTecAD(root=..., category=...)``.
+
+    Raises:
+        ValueError: If an argument is out of range or names an unknown category.
+        FileExistsError: If ``overwrite`` is False and ``root/<category>`` exists but is not a
+            complete demo set built with the same arguments.
+    """
+    categories = list(dict.fromkeys((categories,) if isinstance(categories, str) else categories))
+    _check_categories(categories)
+    n_train = _checked_int("n_train", n_train, 1, None, "pass at least one training image")
+    n_test_good = _checked_int("n_test_good", n_test_good, 0, None, "pass 0 or more")
+    n_test_per_defect = _checked_int("n_test_per_defect", n_test_per_defect, 0, None, "pass 0 or more")
+    fix = f"the source textures are {_MAX_IMAGE_SIZE} px, so pick a size in that range"
+    image_size = _checked_int("image_size", image_size, _MIN_IMAGE_SIZE, _MAX_IMAGE_SIZE, fix)
+    seed = _checked_int("seed", seed, 0, None, "pass a non-negative seed such as 0")
+    root = Path(root).resolve()
+
+    # Decide everything before building anything, so that a conflict found for the last category
+    # does not surface only after the first ones took their time to build.
+    pending: list[dict] = []
+    for category in categories:
+        settings = {
+            "generator": "anomalib_diffusion.data.demo",
+            "format_version": _FORMAT_VERSION,
+            "category": category,
+            "defect_types": list(DEMO_DEFECT_TYPES),
+            "n_train": n_train,
+            "n_test_good": n_test_good,
+            "n_test_per_defect": n_test_per_defect,
+            "image_size": image_size,
+            "seed": seed,
+        }
+        target = root / category
+        if target.exists() and not overwrite:
+            existing = _read_marker(target)
+            if existing == settings:
+                continue
+            reason = (
+                "is not a complete demo data set"
+                if existing is None
+                else "holds a demo set built with other arguments"
+            )
+            msg = f"{target} already exists and {reason}; pass overwrite=True to replace it."
+            raise FileExistsError(msg)
+        pending.append(settings)
+    if not pending:
+        return root
+
+    root.mkdir(parents=True, exist_ok=True)
+    images_per_category = n_train + n_test_good + n_test_per_defect * len(DEMO_DEFECT_TYPES)
+    with tqdm(total=images_per_category * len(pending), desc="demo data", unit="img", disable=not progress) as bar:
+        for settings in pending:
+            category = settings["category"]
+            bar.set_postfix_str(category)
+            staging = _fresh_sibling(root, f".{category}.partial")
+            try:
+                _build_category(staging, settings, bar)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            target = root / category
+            if target.exists() or target.is_symlink():
+                # A directory cannot be renamed over a non-empty one: move the old one aside first
+                # so that the target path never shows a mix of old and new files.
+                retired = _fresh_sibling(root, f".{category}.old")
+                target.rename(retired / category)
+                staging.rename(target)
+                shutil.rmtree(retired)
+            else:
+                staging.rename(target)
+    return root
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command-line entry point: build the demo data set and print its path."""
+    defaults = {name: parameter.default for name, parameter in inspect.signature(make_demo_dataset).parameters.items()}
+    integer_options = {
+        "n_train": "normal training images per category",
+        "n_test_good": "normal test images per category",
+        "n_test_per_defect": "test images per category and defect type",
+        "image_size": "image side in pixels",
+        "seed": "seed of all random choices",
+    }
+    parser = argparse.ArgumentParser(
+        prog="anomalib-diffusion-demo-data",
+        description="Build a small MVTec AD style data set with planted defects from textures bundled in scikit-image.",
+    )
+    parser.add_argument("--root", type=Path, default=Path("datasets/demo"), help="output folder (default: %(default)s)")
+    parser.add_argument(
+        "--categories",
+        nargs="+",
+        default=list(defaults["categories"]),
+        choices=list(DEMO_CATEGORIES),
+        help="categories to build (default: all)",
+    )
+    for name, description in integer_options.items():
+        flag = "--" + name.replace("_", "-")
+        parser.add_argument(flag, type=int, default=defaults[name], help=f"{description} (default: %(default)s)")
+    parser.add_argument("--overwrite", action="store_true", help="replace category folders that already exist")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    args = parser.parse_args(argv)
+    try:
+        path = make_demo_dataset(
+            args.root,
+            categories=args.categories,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+            **{name: getattr(args, name) for name in integer_options},
+        )
+    except (ValueError, FileExistsError) as error:
+        parser.error(str(error))
+    print(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Deployment helpers for exported models (OpenVINO inference with overlays)."""

@@ -1,0 +1,128 @@
+"""RADAR end to end through anomalib's Engine, checkpoints, exports and inferencers."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from anomalib.data.utils import read_image
+from anomalib.deploy import CompressionType, ExportType, OpenVINOInferencer
+
+from anomalib_diffusion.models import RADAR
+from tests.conftest import TINY_RADAR, TrainedRADAR, tiny_datamodule
+
+
+def demo_test_images(root: Path, limit: int = 6) -> list[Path]:
+    paths = sorted((root / "brick" / "test").rglob("*.png"))
+    return [paths[i] for i in np.linspace(0, len(paths) - 1, limit).astype(int)]
+
+
+def image_tensor(paths: list[Path]) -> torch.Tensor:
+    return torch.stack([read_image(path, as_tensor=True) for path in paths])
+
+
+def test_fit_fits_the_forest_and_test_reports_metrics(trained_radar: TrainedRADAR) -> None:
+    assert trained_radar.model.is_fitted()
+    assert trained_radar.model.global_step == TINY_RADAR["max_steps"]
+    results = trained_radar.engine.test(model=trained_radar.model, datamodule=trained_radar.datamodule)
+    assert set(results[0]) >= {"image_AUROC", "image_F1Score", "pixel_AUROC", "pixel_F1Score"}
+    assert all(0.0 <= value <= 1.0 for value in results[0].values())
+
+
+def test_predict_gives_maps_at_the_model_input_size(trained_radar: TrainedRADAR) -> None:
+    predictions = trained_radar.engine.predict(model=trained_radar.model, datamodule=trained_radar.datamodule)
+    batch = predictions[0]
+    assert batch.anomaly_map.shape[-2:] == (64, 64)
+    assert batch.pred_score.shape == (batch.image.shape[0],)
+    assert batch.pred_label.dtype == torch.bool
+
+
+def test_checkpoint_round_trip_restores_unet_forest_and_thresholds(trained_radar: TrainedRADAR, demo_root: Path) -> None:
+    assert trained_radar.checkpoint.is_file()
+    restored = RADAR.load_from_checkpoint(trained_radar.checkpoint).eval()
+    assert restored.is_fitted()
+    images = image_tensor(demo_test_images(demo_root))
+    with torch.no_grad():
+        expected, actual = trained_radar.model(images), restored(images)
+    torch.testing.assert_close(actual.pred_score, expected.pred_score, rtol=0, atol=0)
+    torch.testing.assert_close(actual.anomaly_map, expected.anomaly_map, rtol=0, atol=0)
+    torch.testing.assert_close(actual.pred_label, expected.pred_label)
+
+
+def test_checkpoint_round_trip_through_engine_test(trained_radar: TrainedRADAR, demo_root: Path) -> None:
+    results = trained_radar.engine.test(
+        model=RADAR(**TINY_RADAR),
+        datamodule=tiny_datamodule(demo_root),
+        ckpt_path=trained_radar.checkpoint,
+    )
+    reference = trained_radar.engine.test(model=trained_radar.model, datamodule=trained_radar.datamodule)
+    assert results[0]["image_AUROC"] == pytest.approx(reference[0]["image_AUROC"])
+    assert results[0]["pixel_AUROC"] == pytest.approx(reference[0]["pixel_AUROC"])
+
+
+@pytest.fixture(scope="module")
+def openvino_model(trained_radar: TrainedRADAR, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    export_root = tmp_path_factory.mktemp("export")
+    return trained_radar.engine.export(model=trained_radar.model, export_type=ExportType.OPENVINO, export_root=export_root)
+
+
+def test_openvino_matches_torch_on_real_images(trained_radar: TrainedRADAR, demo_root: Path, openvino_model: Path) -> None:
+    import openvino as ov
+
+    images = image_tensor(demo_test_images(demo_root))
+    compiled = ov.Core().compile_model(openvino_model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    with torch.no_grad():
+        expected = trained_radar.model(images)
+    for index in range(images.shape[0]):
+        outputs = compiled(images[index : index + 1].numpy())
+        result = {name: outputs[output] for output in compiled.outputs for name in output.names}
+        np.testing.assert_allclose(result["pred_score"], expected.pred_score[index : index + 1].numpy(), atol=1e-4)
+        np.testing.assert_allclose(result["anomaly_map"], expected.anomaly_map[index : index + 1].numpy(), atol=1e-4)
+        np.testing.assert_array_equal(result["pred_label"], expected.pred_label[index : index + 1].numpy())
+
+
+def test_openvino_inferencer_predicts_on_an_image_file(
+    trained_radar: TrainedRADAR,
+    demo_root: Path,
+    openvino_model: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.chdir(tmp_path)  # the inferencer writes its cache into the working directory
+    path = demo_test_images(demo_root)[-1]
+    prediction = OpenVINOInferencer(openvino_model, device="CPU").predict(path)
+    with torch.no_grad():
+        expected = trained_radar.model(image_tensor([path]))
+    np.testing.assert_allclose(prediction.pred_score, expected.pred_score.numpy(), atol=1e-4)
+    assert prediction.anomaly_map.shape[-2:] == (64, 64)
+
+
+def test_onnx_export_runs_in_openvino(trained_radar: TrainedRADAR, demo_root: Path, tmp_path: Path) -> None:
+    import openvino as ov
+
+    onnx_path = trained_radar.engine.export(model=trained_radar.model, export_type=ExportType.ONNX, export_root=tmp_path)
+    assert onnx_path.suffix == ".onnx"
+    compiled = ov.Core().compile_model(onnx_path, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    image = image_tensor(demo_test_images(demo_root)[:1])
+    with torch.no_grad():
+        expected = trained_radar.model(image)
+    outputs = compiled(image.numpy())
+    scores = next(outputs[output] for output in compiled.outputs if "pred_score" in output.names)
+    np.testing.assert_allclose(scores, expected.pred_score.numpy(), atol=1e-4)
+
+
+def test_int8_post_training_quantisation_exports_a_working_model(trained_radar: TrainedRADAR, demo_root: Path, tmp_path: Path) -> None:
+    import openvino as ov
+
+    path = trained_radar.engine.export(
+        model=trained_radar.model,
+        export_type=ExportType.OPENVINO,
+        export_root=tmp_path,
+        compression_type=CompressionType.INT8_PTQ,
+        datamodule=tiny_datamodule(demo_root),
+    )
+    compiled = ov.Core().compile_model(path, "CPU")
+    outputs = compiled(image_tensor(demo_test_images(demo_root)[:1]).numpy())
+    assert all(np.isfinite(value).all() for value in outputs.values() if value.dtype.kind == "f")
+    quantised_ops = {op.get_type_name() for op in ov.Core().read_model(path).get_ops()}
+    assert "FakeQuantize" in quantised_ops or "FakeConvert" in quantised_ops

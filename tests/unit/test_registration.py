@@ -1,0 +1,62 @@
+"""The installed package registers its models with the unmodified anomalib, in fresh processes."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+
+
+def run_python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+
+
+def test_python_start_up_does_not_import_torch() -> None:
+    result = run_python("import sys; print('torch' in sys.modules, 'anomalib' in sys.modules)")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "False"]
+
+
+def test_import_hook_is_installed_by_the_pth_file() -> None:
+    result = run_python("import sys; print([type(f).__name__ for f in sys.meta_path])")
+    assert "_AnomalibModelsFinder" in result.stdout
+
+
+def test_get_model_and_anomalib_models_alias() -> None:
+    code = (
+        "from anomalib.models import get_model, list_models\n"
+        "import anomalib.models\n"
+        "model = get_model('radar', max_steps=3)\n"
+        "print(type(model).__module__, anomalib.models.RADAR is type(model), model.max_steps)\n"
+        "print('RADAR' in list_models(case='pascal'))\n"
+        "print(type(get_model({'class_path': 'anomalib.models.RADAR'})).__name__)\n"
+    )
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "anomalib_diffusion.models.radar.lightning_model True 3"
+    assert lines[1] == "True"
+    assert lines[2] == "RADAR"
+
+
+def test_importing_a_plugin_module_first_still_aliases_lazily() -> None:
+    result = run_python("import anomalib_diffusion.components, anomalib.models; print(anomalib.models.RADAR.__name__)")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "RADAR"
+    assert "could not register" not in result.stderr
+
+
+@pytest.mark.parametrize("name", ["RADAR", "anomalib_diffusion.models.RADAR", "anomalib.models.RADAR"])
+def test_anomalib_cli_resolves_the_model(name: str) -> None:
+    result = subprocess.run(
+        [str(BIN / "anomalib"), "train", "--model", name, "--model.max_steps", "7", "--print_config"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "RADAR" in result.stdout
+    assert "max_steps: 7" in result.stdout
