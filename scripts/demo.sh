@@ -14,8 +14,8 @@ rm -rf "$work"
 echo "==> Building the demo data set (CC0 textures bundled with scikit-image, planted defects)"
 anomalib-diffusion-demo-data --root datasets/demo --categories "$category"
 
-echo "==> Training and testing RADAR: anomalib train --config configs/radar_demo.yaml"
-anomalib train --config configs/radar_demo.yaml --data.category "$category" --default_root_dir "$work"
+echo "==> Training and testing RADAR: anomalib train --config configs/radar.yaml --config configs/radar_demo.yaml"
+anomalib train --config configs/radar.yaml --config configs/radar_demo.yaml --data.category "$category"
 checkpoint="$(find "$work" -name '*.ckpt' -path '*latest*' | head -n 1)"
 
 echo "==> Exporting to OpenVINO: anomalib export --export_type openvino"

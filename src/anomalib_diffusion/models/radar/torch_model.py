@@ -63,7 +63,7 @@ class RADARModel(nn.Module):
         self,
         unet: UNetConfig,
         stride: int = 32,
-        timestep: int = 100,
+        timestep: int = 50,
         window_size: int = 32,
         inference_mode: InferenceMode = "patch",
         train_timestep_range: tuple[int, int] = (0, 1000),
