@@ -66,5 +66,7 @@ def trained_radar(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     model = RADAR(**TINY_RADAR)
     engine = Engine(default_root_dir=work, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
     engine.fit(model=model, datamodule=datamodule)
-    checkpoint = Path(engine.trainer.checkpoint_callback.best_model_path or engine.trainer.checkpoint_callback.last_model_path)
+    checkpoint = Path(
+        engine.trainer.checkpoint_callback.best_model_path or engine.trainer.checkpoint_callback.last_model_path
+    )
     return TrainedRADAR(engine=engine, model=model.eval(), datamodule=datamodule, checkpoint=checkpoint, root=work)

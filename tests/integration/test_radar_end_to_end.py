@@ -37,7 +37,9 @@ def test_predict_gives_maps_at_the_model_input_size(trained_radar: TrainedRADAR)
     assert batch.pred_label.dtype == torch.bool
 
 
-def test_checkpoint_round_trip_restores_unet_forest_and_thresholds(trained_radar: TrainedRADAR, demo_root: Path) -> None:
+def test_checkpoint_round_trip_restores_unet_forest_and_thresholds(
+    trained_radar: TrainedRADAR, demo_root: Path
+) -> None:
     assert trained_radar.checkpoint.is_file()
     restored = RADAR.load_from_checkpoint(trained_radar.checkpoint).eval()
     assert restored.is_fitted()
@@ -63,10 +65,14 @@ def test_checkpoint_round_trip_through_engine_test(trained_radar: TrainedRADAR, 
 @pytest.fixture(scope="module")
 def openvino_model(trained_radar: TrainedRADAR, tmp_path_factory: pytest.TempPathFactory) -> Path:
     export_root = tmp_path_factory.mktemp("export")
-    return trained_radar.engine.export(model=trained_radar.model, export_type=ExportType.OPENVINO, export_root=export_root)
+    return trained_radar.engine.export(
+        model=trained_radar.model, export_type=ExportType.OPENVINO, export_root=export_root
+    )
 
 
-def test_openvino_matches_torch_on_real_images(trained_radar: TrainedRADAR, demo_root: Path, openvino_model: Path) -> None:
+def test_openvino_matches_torch_on_real_images(
+    trained_radar: TrainedRADAR, demo_root: Path, openvino_model: Path
+) -> None:
     import openvino as ov
 
     images = image_tensor(demo_test_images(demo_root))
@@ -100,7 +106,9 @@ def test_openvino_inferencer_predicts_on_an_image_file(
 def test_onnx_export_runs_in_openvino(trained_radar: TrainedRADAR, demo_root: Path, tmp_path: Path) -> None:
     import openvino as ov
 
-    onnx_path = trained_radar.engine.export(model=trained_radar.model, export_type=ExportType.ONNX, export_root=tmp_path)
+    onnx_path = trained_radar.engine.export(
+        model=trained_radar.model, export_type=ExportType.ONNX, export_root=tmp_path
+    )
     assert onnx_path.suffix == ".onnx"
     compiled = ov.Core().compile_model(onnx_path, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     image = image_tensor(demo_test_images(demo_root)[:1])
@@ -111,7 +119,9 @@ def test_onnx_export_runs_in_openvino(trained_radar: TrainedRADAR, demo_root: Pa
     np.testing.assert_allclose(scores, expected.pred_score.numpy(), atol=1e-4)
 
 
-def test_int8_post_training_quantisation_exports_a_working_model(trained_radar: TrainedRADAR, demo_root: Path, tmp_path: Path) -> None:
+def test_int8_post_training_quantisation_exports_a_working_model(
+    trained_radar: TrainedRADAR, demo_root: Path, tmp_path: Path
+) -> None:
     import openvino as ov
 
     path = trained_radar.engine.export(
@@ -126,3 +136,43 @@ def test_int8_post_training_quantisation_exports_a_working_model(trained_radar: 
     assert all(np.isfinite(value).all() for value in outputs.values() if value.dtype.kind == "f")
     quantised_ops = {op.get_type_name() for op in ov.Core().read_model(path).get_ops()}
     assert "FakeQuantize" in quantised_ops or "FakeConvert" in quantised_ops
+
+
+def test_predict_tool_skips_unreadable_files_and_writes_overlays(
+    demo_root: Path,
+    openvino_model: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from anomalib_diffusion.deploy.openvino_predict import predict
+
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    good = demo_test_images(demo_root)[0]
+    (folder / "a_good.png").write_bytes(good.read_bytes())
+    (folder / "b_truncated.png").write_bytes(good.read_bytes()[:100])
+    (folder / "c_not_an_image.png").write_text("hello")
+    results = predict(openvino_model, folder, tmp_path / "out")
+    assert [path.name for path, _, _ in results] == ["a_good.png"]
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["a_good_overlay.png"]
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA"])
+def test_grayscale_and_rgba_files_are_read_as_rgb(
+    mode: str,
+    demo_root: Path,
+    openvino_model: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from PIL import Image
+
+    from anomalib_diffusion.deploy.openvino_predict import predict
+
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / f"converted_{mode}.png"
+    with Image.open(demo_test_images(demo_root)[0]) as image:
+        image.convert(mode).save(path)
+    [(_, score, _)] = predict(openvino_model, path, tmp_path / "out")
+    assert np.isfinite(score)

@@ -50,7 +50,9 @@ class TestTensorIsolationForest:
         thresholds = np.concatenate([tree.tree_.threshold[tree.tree_.feature >= 0] for tree in fitted.estimators_])
         values = np.concatenate([thresholds, np.nextafter(thresholds, np.inf), np.nextafter(thresholds, -np.inf)])
         queries = np.stack([values, values[::-1]], axis=1).astype(np.float32)
-        np.testing.assert_allclose(forest(torch.from_numpy(queries)).numpy(), -fitted.decision_function(queries), atol=1e-6)
+        np.testing.assert_allclose(
+            forest(torch.from_numpy(queries)).numpy(), -fitted.decision_function(queries), atol=1e-6
+        )
 
     def test_state_dict_round_trip_into_an_unfitted_forest(self) -> None:
         train = np.random.default_rng(1).normal(size=(100, 2)).astype(np.float32)

@@ -72,6 +72,7 @@ class TestLayout:
         # Rendering is stubbed out: only the naming is under test here.
         blank = np.zeros((32, 32, 3), dtype=np.uint8)
         monkeypatch.setattr(demo, "_render_sample", lambda *_: (blank, blank, np.zeros((32, 32), dtype=bool)))
+
         def touch(_: np.ndarray, path: Path) -> None:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.touch()
@@ -192,7 +193,6 @@ class TestValidation:
         with pytest.raises(ValueError, match=message):
             make_demo_dataset(root, **{**SMALL, **arguments})
         assert not root.exists()
-
 
     def test_numpy_integers_are_accepted(self, tmp_path: Path) -> None:
         counts = {"n_train": np.int64(2), "n_test_good": np.int32(1), "n_test_per_defect": np.uint8(1)}

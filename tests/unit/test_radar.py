@@ -26,7 +26,9 @@ TINY = {
 def tiny_model(**overrides: object) -> RADARModel:
     config = {"stride": 16, "window_size": 16, "n_estimators": 10} | overrides
     torch.manual_seed(0)
-    model = RADARModel(unet=UNetConfig(sample_size=32, block_out_channels=(8, 16), attention_resolutions=(16,)), **config)
+    model = RADARModel(
+        unet=UNetConfig(sample_size=32, block_out_channels=(8, 16), attention_resolutions=(16,)), **config
+    )
     model.forest.fit(np.random.default_rng(0).random((20, 2)).astype(np.float32))
     return model.eval()
 
@@ -161,3 +163,25 @@ class TestRADARModule:
         model.on_save_checkpoint(checkpoint)
         assert checkpoint["anomalib_diffusion"]["model"] == "RADAR"
         model.on_load_checkpoint(checkpoint)
+
+
+class TestEmptyTrainingSet:
+    def test_folder_with_no_normal_images_fails_before_training(self, tmp_path: Path) -> None:
+        from anomalib.data import Folder
+        from anomalib.engine import Engine
+
+        (tmp_path / "good").mkdir()
+        datamodule = Folder(name="empty", root=tmp_path, normal_dir="good", num_workers=0)
+        engine = Engine(accelerator="cpu", devices=1, logger=False, default_root_dir=tmp_path)
+        with pytest.raises(RuntimeError, match="Found 0 .*NORMAL images"):
+            engine.fit(model=RADAR(**TINY), datamodule=datamodule)
+
+    def test_forest_fitting_names_an_empty_training_split(self) -> None:
+        from types import SimpleNamespace
+
+        from anomalib_diffusion.components import training_images_loader
+
+        datamodule = SimpleNamespace(train_data=[], eval_batch_size=2)
+        module = SimpleNamespace(trainer=SimpleNamespace(datamodule=datamodule))
+        with pytest.raises(ValueError, match="found no training images: the datamodule's training split is empty"):
+            training_images_loader(module)

@@ -45,8 +45,7 @@ class UNetConfig:
         bad = [width for width in self.block_out_channels if width % self.norm_num_groups]
         if bad:
             msg = (
-                f"U-Net widths {bad} are not divisible by norm_num_groups={self.norm_num_groups}; "
-                "use multiples of it."
+                f"U-Net widths {bad} are not divisible by norm_num_groups={self.norm_num_groups}; use multiples of it."
             )
             raise ValueError(msg)
 

@@ -32,7 +32,7 @@ import shutil
 import uuid
 import zlib
 from collections.abc import Callable, Sequence
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from types import MappingProxyType
 
@@ -88,7 +88,7 @@ _MARKER_NAME = ".demo_dataset.json"
 _FORMAT_VERSION = 1
 
 
-@lru_cache(maxsize=None)
+@cache
 def _texture(category: str) -> np.ndarray:
     """Gray source texture stretched to [0, 1]; the raw brick only spans gray levels 63-207."""
     gray = DEMO_CATEGORIES[category]().astype(np.float32)
@@ -376,9 +376,7 @@ def make_demo_dataset(
             if existing == settings:
                 continue
             reason = (
-                "is not a complete demo data set"
-                if existing is None
-                else "holds a demo set built with other arguments"
+                "is not a complete demo data set" if existing is None else "holds a demo set built with other arguments"
             )
             msg = f"{target} already exists and {reason}; pass overwrite=True to replace it."
             raise FileExistsError(msg)

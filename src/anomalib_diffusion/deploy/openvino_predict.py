@@ -92,7 +92,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--device", default="CPU", help="OpenVINO device (CPU, GPU, AUTO).")
     args = parser.parse_args(argv)
     if not args.model.is_file():
-        parser.error(f"model file {args.model} does not exist; export one with `anomalib export ... --export_type openvino`.")
+        parser.error(
+            f"model file {args.model} does not exist; export one with `anomalib export ... --export_type openvino`."
+        )
     results = predict(args.model, args.input, args.output, args.device)
     for path, score, label in results:
         print(f"{path}\tscore={score:.4f}\t{'ANOMALOUS' if label else 'normal'}")  # noqa: T201

@@ -302,7 +302,9 @@ def _check_config(
     if inference_mode not in {"patch", "full"}:
         problems.append(f"inference_mode={inference_mode!r} must be 'patch' or 'full'")
     if len(train_timestep_range) != 2 or not 0 <= train_timestep_range[0] < train_timestep_range[1] <= 1000:  # noqa: PLR2004
-        problems.append(f"train_timestep_range={list(train_timestep_range)} must be [low, high) with 0 <= low < high <= 1000")
+        problems.append(
+            f"train_timestep_range={list(train_timestep_range)} must be [low, high) with 0 <= low < high <= 1000"
+        )
     if max_steps < 1:
         problems.append(f"max_steps={max_steps} must be at least 1")
     if patches_per_step < 1:
