@@ -16,7 +16,9 @@ anomalib-diffusion-demo-data --root datasets/demo --categories "$category"
 
 echo "==> Training and testing RADAR: anomalib train --config configs/radar.yaml --config configs/radar_demo.yaml"
 anomalib train --config configs/radar.yaml --config configs/radar_demo.yaml --data.category "$category"
-checkpoint="$(find "$work" -name '*.ckpt' -path '*latest*' | head -n 1)"
+# anomalib writes <root>/RADAR/MVTecAD/<category>/v<N>/weights/lightning/model.ckpt ("latest" is a symlink).
+checkpoint="$(find "$work" -name model.ckpt | sort | tail -n 1)"
+[ -n "$checkpoint" ] || { echo "anomalib train wrote no checkpoint under $work" >&2; exit 1; }
 
 echo "==> Exporting to OpenVINO: anomalib export --export_type openvino"
 anomalib export --model anomalib_diffusion.models.RADAR --ckpt_path "$checkpoint" \
