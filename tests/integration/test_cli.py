@@ -95,29 +95,48 @@ def test_cli_export_and_openvino_predict_write_an_overlay(
         assert picture.width > picture.height  # input | heat map | mask, side by side
 
 
-def test_cli_test_from_checkpoint(cli_checkpoint: Path, demo_root: Path, tmp_path: Path) -> None:
+def test_cli_test_from_checkpoint_with_the_run_config(cli_checkpoint: Path, tmp_path: Path) -> None:
+    run_config = next(cli_checkpoint.parents[2].glob("config.yaml"))
     result = run(
         [
             str(BIN / "anomalib"),
             "test",
-            "--model",
-            "anomalib_diffusion.models.RADAR",
+            "--config",
+            str(run_config),
             "--ckpt_path",
             str(cli_checkpoint),
-            "--data",
-            "anomalib.data.MVTecAD",
-            "--data.root",
-            str(demo_root),
-            "--data.category",
-            "brick",
-            "--data.num_workers",
-            "0",
             "--default_root_dir",
             str(tmp_path),
         ],
         cwd=tmp_path,
     )
     assert "pixel_AUROC" in result.stdout + result.stderr
+
+
+def test_cli_test_with_other_model_settings_names_them(cli_checkpoint: Path, demo_root: Path, tmp_path: Path) -> None:
+    command = [
+        str(BIN / "anomalib"),
+        "test",
+        "--model",
+        "RADAR",
+        "--ckpt_path",
+        str(cli_checkpoint),
+        "--data",
+        "anomalib.data.MVTecAD",
+        "--data.root",
+        str(demo_root),
+        "--data.category",
+        "brick",
+        "--data.num_workers",
+        "0",
+        "--default_root_dir",
+        str(tmp_path),
+    ]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900, check=False)
+    assert result.returncode != 0
+    output = " ".join((result.stdout + result.stderr).split())
+    assert "checkpoint was trained with patch_size=32" in output
+    assert "size mismatch" not in output
 
 
 def test_anomalib_benchmark_runs_a_radar_job(demo_root: Path, tmp_path: Path) -> None:

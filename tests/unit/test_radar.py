@@ -157,6 +157,14 @@ class TestRADARModule:
         with pytest.raises(ValueError, match="not a RADAR checkpoint: it was saved by a model outside"):
             RADAR(**TINY).on_load_checkpoint(checkpoint)
 
+    def test_checkpoint_with_other_settings_is_refused_before_loading_weights(self) -> None:
+        checkpoint: dict = {}
+        RADAR(**TINY).on_save_checkpoint(checkpoint)
+        checkpoint["hyper_parameters"] = dict(RADAR(**TINY).hparams)
+        other = RADAR(**(TINY | {"block_out_channels": (8, 8), "timestep": 80}))
+        with pytest.raises(ValueError, match=r"trained with block_out_channels=\[8, 16\], timestep=50, but this model"):
+            other.on_load_checkpoint(checkpoint)
+
     def test_checkpoint_hooks_tag_the_owner(self) -> None:
         checkpoint: dict = {}
         model = RADAR(**TINY)

@@ -9,8 +9,21 @@ from typing import Any
 CHECKPOINT_KEY = "anomalib_diffusion"
 
 
+def _comparable(value: Any) -> Any:  # noqa: ANN401
+    return list(value) if isinstance(value, list | tuple) else value
+
+
 class CheckpointOwnerMixin:
-    """Mixin for ``AnomalibModule`` subclasses; list it before ``AnomalibModule``."""
+    """Mixin for ``AnomalibModule`` subclasses; list it before ``AnomalibModule``.
+
+    ``FITTED_HPARAMS`` names the constructor arguments that the saved weights (or anything fitted
+    on them) depend on. ``load_from_checkpoint`` rebuilds the model from the saved values, but
+    ``anomalib test/predict --ckpt_path`` load weights into a model built from the command line,
+    so a differing value must be reported before Lightning fails on tensor shapes (or, worse,
+    loads weights that no longer fit the settings).
+    """
+
+    FITTED_HPARAMS: tuple[str, ...] = ()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         from anomalib_diffusion import __version__
@@ -30,6 +43,23 @@ class CheckpointOwnerMixin:
             msg = (
                 f"This checkpoint is not a {expected} checkpoint: it was saved by {origin}. "
                 f"Load it with that model's class, or pass a checkpoint written by {expected}."
+            )
+            raise ValueError(msg)
+        saved = checkpoint.get("hyper_parameters", {})
+        current = self.hparams  # type: ignore[attr-defined]
+        differing = [
+            name
+            for name in self.FITTED_HPARAMS
+            if name in saved and name in current and _comparable(saved[name]) != _comparable(current[name])
+        ]
+        if differing:
+            trained = ", ".join(f"{name}={_comparable(saved[name])}" for name in differing)
+            built = ", ".join(f"{name}={_comparable(current[name])}" for name in differing)
+            msg = (
+                f"This {expected} checkpoint was trained with {trained}, but this model was built with {built}. "
+                f"Build it with the training settings: pass the training run's config.yaml "
+                f"(`anomalib test --config <run>/config.yaml --ckpt_path ...`) or use "
+                f"{expected}.load_from_checkpoint(path), which restores them."
             )
             raise ValueError(msg)
         super().on_load_checkpoint(checkpoint)  # type: ignore[misc]

@@ -79,6 +79,19 @@ class RADAR(CheckpointOwnerMixin, AnomalibModule):
         visualizer: ``True`` for anomalib's default visualiser, a visualiser, or ``False``.
     """
 
+    # The U-Net weights depend on the first four; the fitted Isolation Forest on all of them.
+    FITTED_HPARAMS = (
+        "patch_size",
+        "block_out_channels",
+        "attention_resolutions",
+        "layers_per_block",
+        "stride",
+        "timestep",
+        "window_size",
+        "inference_mode",
+        "noise_seed",
+    )
+
     def __init__(
         self,
         image_size: Sequence[int] | int = DEFAULT_IMAGE_SIZE,
