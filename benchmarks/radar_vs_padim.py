@@ -41,7 +41,9 @@ import platform
 import re
 import shlex
 import shutil
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -158,6 +160,7 @@ class ModelRun:
     exports: dict[str, Path]
     export_mb: dict[str, float]
     openvino: dict[str, OpenVINOQuality] = field(default_factory=dict)
+    int8_failure: str | None = None
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -385,19 +388,46 @@ def fit_and_test(model: AnomalibModule, data: MVTecAD, root_dir: Path) -> tuple[
     return engine, {name: float(value) for name, value in metrics.items()}, fit_seconds
 
 
-def export_all(engine: Engine, model: AnomalibModule, calibration: MVTecAD, export_dir: Path) -> dict[str, Path]:
-    """Torch, OpenVINO FP32 and OpenVINO INT8 (post-training quantised) exports of one model."""
+def export_all(
+    engine: Engine, model: AnomalibModule, data_root: Path, category: str, seed: int, export_dir: Path
+) -> tuple[dict[str, Path], str | None]:
+    """Torch, OpenVINO FP32 and OpenVINO INT8 (post-training quantised) exports of one model.
+
+    INT8 runs in a child process: NNCF/OpenVINO have crashed this process with a segmentation fault
+    while quantising PaDiM, and a crash must cost one table cell, not the whole run. Returns the
+    exports and, if the INT8 export failed, why.
+    """
     model.eval()
-    torch_path = engine.export(model=model, export_type=ExportType.TORCH, export_root=export_dir / "torch")
-    fp32_path = engine.export(model=model, export_type=ExportType.OPENVINO, export_root=export_dir / "fp32")
-    int8_path = engine.export(
+    exports = {
+        "torch": engine.export(model=model, export_type=ExportType.TORCH, export_root=export_dir / "torch"),
+        "OpenVINO FP32": engine.export(model=model, export_type=ExportType.OPENVINO, export_root=export_dir / "fp32"),
+    }
+    checkpoint = (
+        engine.trainer.checkpoint_callback.best_model_path or engine.trainer.checkpoint_callback.last_model_path
+    )
+    int8_root = export_dir / "int8"
+    command = [sys.executable, __file__, "--int8-export-worker", str(checkpoint), type(model).__name__]
+    command += [str(data_root), category, str(seed), str(int8_root)]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    int8_path = int8_root / "weights" / "openvino" / "model.xml"
+    if result.returncode != 0 or not int8_path.is_file():
+        reason = "segmentation fault" if result.returncode == -signal.SIGSEGV else f"exit code {result.returncode}"
+        return exports, f"INT8 export crashed ({reason})"
+    exports["OpenVINO INT8"] = int8_path
+    return exports, None
+
+
+def int8_export_worker(checkpoint: str, model_name: str, data_root: str, category: str, seed: str, out: str) -> None:
+    """Child process of :func:`export_all`: load the trained model and export it as INT8."""
+    model_class = {"RADAR": RADAR, "Padim": Padim}[model_name]
+    model = model_class.load_from_checkpoint(checkpoint).eval()
+    Engine(default_root_dir=out, accelerator="cpu", devices=1, logger=False).export(
         model=model,
         export_type=ExportType.OPENVINO,
-        export_root=export_dir / "int8",
+        export_root=Path(out),
         compression_type=CompressionType.INT8_PTQ,
-        datamodule=calibration,
+        datamodule=calibration_datamodule(Path(data_root), category, int(seed)),
     )
-    return dict(zip(EXPORT_FORMATS, (torch_path, fp32_path, int8_path), strict=True))
 
 
 def calibration_datamodule(root: Path, category: str, seed: int) -> MVTecAD:
@@ -472,6 +502,8 @@ def measure_latency(
     pixels = image.numpy()
     for backend in BACKENDS:
         for name, run in runs.items():
+            if backend != "torch eager" and backend not in run.exports:
+                continue
             if backend == "torch eager":
                 model = models[name].eval()
 
@@ -545,6 +577,10 @@ def quality_table(results: dict[str, dict[str, ModelRun]]) -> str:
 def latency_table(latencies: dict[tuple[str, str], list[float]]) -> str:
     rows = []
     for backend in BACKENDS:
+        if any((name, backend) not in latencies for name in MODEL_NAMES):
+            crashed = [name for name in MODEL_NAMES if (name, backend) not in latencies]
+            rows.append([backend] + ["export crashed" if name in crashed else "-" for name in MODEL_NAMES] + ["-"])
+            continue
         radar, padim = (statistics.median(latencies[name, backend]) for name in MODEL_NAMES)
         # The 90th percentile shows how noisy the machine was; the ratio uses the medians.
         radar_p90, padim_p90 = (float(np.percentile(latencies[name, backend], 90)) for name in MODEL_NAMES)
@@ -560,7 +596,11 @@ def latency_table(latencies: dict[tuple[str, str], list[float]]) -> str:
 
 
 def size_table(runs: dict[str, ModelRun]) -> str:
-    rows = [[name] + [f"{runs[name].export_mb[fmt]:.2f}" for fmt in EXPORT_FORMATS] for name in MODEL_NAMES]
+    rows = [
+        [name]
+        + [f"{runs[name].export_mb[fmt]:.2f}" if fmt in runs[name].export_mb else "crashed" for fmt in EXPORT_FORMATS]
+        for name in MODEL_NAMES
+    ]
     return markdown_table(["model", "torch .pt MB", "OpenVINO FP32 MB", "OpenVINO INT8 MB"], rows)
 
 
@@ -568,7 +608,14 @@ def int8_table(results: dict[str, dict[str, ModelRun]]) -> str:
     rows = []
     for category, runs in results.items():
         for name in MODEL_NAMES:
-            fp32, int8 = (runs[name].openvino[precision] for precision in ("OpenVINO FP32", "OpenVINO INT8"))
+            fp32 = runs[name].openvino["OpenVINO FP32"]
+            int8 = runs[name].openvino.get("OpenVINO INT8")
+            if int8 is None:
+                failure = runs[name].int8_failure or "INT8 export failed"
+                rows.append(
+                    [category, name, f"{fp32.image_auroc:.3f}", "-", "-", f"{fp32.pixel_auroc:.3f}", "-", "-", failure]
+                )
+                continue
             rows.append(
                 [
                     category,
@@ -607,7 +654,7 @@ def int8_collapsed(results: dict[str, dict[str, ModelRun]]) -> list[str]:
         f"{category}/{name}"
         for category, runs in results.items()
         for name in MODEL_NAMES
-        if collapse_notes(runs[name].openvino["OpenVINO INT8"], "INT8")
+        if "OpenVINO INT8" in runs[name].openvino and collapse_notes(runs[name].openvino["OpenVINO INT8"], "INT8")
     ]
 
 
@@ -733,17 +780,18 @@ def run_benchmark(
             data = datamodule(root, category, settings.seed)
             run_dir = work_dir / "runs" / category / name
             engine, metrics, fit_seconds = fit_and_test(models[name], data, run_dir)
-            calibration = calibration_datamodule(root, category, settings.seed)
-            exports = export_all(engine, models[name], calibration, run_dir / "export")
+            exports, int8_failure = export_all(engine, models[name], root, category, settings.seed, run_dir / "export")
             run = ModelRun(
                 hyperparameters=dict(models[name].hparams),
                 test_metrics=metrics,
                 fit_seconds=fit_seconds,
                 exports=exports,
                 export_mb={fmt: file_size_mb(path) for fmt, path in exports.items()},
+                int8_failure=int8_failure,
             )
             for precision in ("OpenVINO FP32", "OpenVINO INT8"):
-                run.openvino[precision] = openvino_quality(exports[precision], data, f"{name} {precision}")
+                if precision in exports:
+                    run.openvino[precision] = openvino_quality(exports[precision], data, f"{name} {precision}")
             runs[name] = run
         if not latencies:
             # Latency does not depend on the category (same graphs), so it is measured once.
@@ -754,6 +802,9 @@ def run_benchmark(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--int8-export-worker":
+        int8_export_worker(*sys.argv[2:8])
+        return
     args = parse_args(argv)
     settings = resolve_settings(args)
     output = args.output or (None if settings.quick else DEFAULT_OUTPUT)
