@@ -582,8 +582,14 @@ def latency_table(latencies: dict[tuple[str, str], list[float]]) -> str:
     rows = []
     for backend in BACKENDS:
         if any((name, backend) not in latencies for name in MODEL_NAMES):
-            crashed = [name for name in MODEL_NAMES if (name, backend) not in latencies]
-            rows.append([backend] + ["export crashed" if name in crashed else "-" for name in MODEL_NAMES] + ["-"])
+            cells = [
+                f"{statistics.median(latencies[name, backend]):.2f} "
+                f"({float(np.percentile(latencies[name, backend], 90)):.2f})"
+                if (name, backend) in latencies
+                else "export crashed"
+                for name in MODEL_NAMES
+            ]
+            rows.append([backend, *cells, "-"])
             continue
         radar, padim = (statistics.median(latencies[name, backend]) for name in MODEL_NAMES)
         # The 90th percentile shows how noisy the machine was; the ratio uses the medians.
