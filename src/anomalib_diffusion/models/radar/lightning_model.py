@@ -192,7 +192,7 @@ class RADAR(CheckpointOwnerMixin, AnomalibModule):
 
     def on_validation_start(self) -> None:
         """Fit the Isolation Forest on the normal training images with the current U-Net."""
-        if self.trainer.state.fn == TrainerFn.FITTING or not self.model.forest.is_fitted:
+        if self.trainer.state.fn == TrainerFn.FITTING or not self.is_fitted():
             self.fit_forest()
 
     def on_test_start(self) -> None:
