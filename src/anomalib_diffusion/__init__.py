@@ -14,7 +14,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_MODELS = ("RADAR",)
+_MODELS = ("RADAR", "GLAD")
 
 __all__ = ["__version__", *_MODELS]
 

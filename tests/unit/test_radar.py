@@ -8,9 +8,9 @@ import torch
 from anomalib.data import ImageBatch, InferenceBatch
 
 from anomalib_diffusion.components import UNetConfig
+from anomalib_diffusion.components.noising import NOISE_TILE
 from anomalib_diffusion.models import RADAR
 from anomalib_diffusion.models.radar import RADARModel
-from anomalib_diffusion.models.radar.torch_model import NOISE_TILE
 
 TINY = {
     "image_size": 64,
@@ -78,7 +78,7 @@ class TestRADARModel:
         model = tiny_model()
         noise = model.inference_noise(NOISE_TILE + 10, 2 * NOISE_TILE)
         assert noise.shape == (1, 3, NOISE_TILE + 10, 2 * NOISE_TILE)
-        torch.testing.assert_close(noise[..., :10, NOISE_TILE:], model.noise_tile[..., :10, :])
+        torch.testing.assert_close(noise[..., :10, NOISE_TILE:], model.inference_noise.tile[..., :10, :])
 
     def test_noise_map_is_the_noise_prediction_residual(self) -> None:
         model = tiny_model(inference_mode="full")

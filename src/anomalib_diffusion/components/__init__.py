@@ -3,7 +3,14 @@
 from .checkpoints import CheckpointOwnerMixin
 from .edges import edge_features, global_l2, max_window_l2, sobel_edge_map
 from .isolation_forest import TensorIsolationForest, average_path_length
-from .noising import make_ddpm_scheduler, noise_at_timestep, seeded_noise
+from .lightning import (
+    FittedModuleMixin,
+    check_training_config,
+    int8_network_only,
+    resize_pre_processor,
+    size_pair,
+)
+from .noising import FixedNoise, make_ddpm_scheduler, noise_at_timestep, seeded_noise
 from .patches import extract_patches, grid_size, pad_to, random_patches, stitch_patches
 from .training_data import collect_training_features, training_images_loader
 from .unet import UNetConfig, as_int_tuple, build_unet
@@ -11,6 +18,12 @@ from .validation import check_image_batch
 
 __all__ = [
     "CheckpointOwnerMixin",
+    "FittedModuleMixin",
+    "FixedNoise",
+    "check_training_config",
+    "int8_network_only",
+    "resize_pre_processor",
+    "size_pair",
     "collect_training_features",
     "training_images_loader",
     "TensorIsolationForest",

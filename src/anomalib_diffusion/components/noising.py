@@ -5,8 +5,15 @@ anomaly detection needs on top of it: a *fixed, seeded* noise tensor so that inf
 deterministic (and exportable: no random op ends up in the ONNX graph).
 """
 
+import math
+
 import torch
 from diffusers import DDPMScheduler
+from torch import nn
+
+# Side of the seeded noise tile. Larger images reuse it periodically, so the noise at a pixel
+# never depends on which image sizes were seen before (inference stays deterministic).
+NOISE_TILE = 256
 
 
 def make_ddpm_scheduler(
@@ -39,3 +46,22 @@ def noise_at_timestep(
     """``x_t = sqrt(alpha_bar_t) * x_0 + sqrt(1 - alpha_bar_t) * eps`` for one fixed timestep."""
     timesteps = torch.full((samples.shape[0],), timestep, dtype=torch.long, device=samples.device)
     return scheduler.add_noise(samples, noise, timesteps)
+
+
+class FixedNoise(nn.Module):
+    """The fixed inference noise ``eps`` of a model: one seeded tile, repeated to any image size.
+
+    A non-persistent buffer: it is rebuilt from the seed, so checkpoints do not carry it, and an
+    exported graph holds it as a constant (no random op in ONNX / OpenVINO).
+    """
+
+    def __init__(self, channels: int, seed: int, tile: int = NOISE_TILE) -> None:
+        super().__init__()
+        self.register_buffer("tile", seeded_noise((1, channels, tile, tile), seed), persistent=False)
+        self.tile: torch.Tensor
+
+    def forward(self, height: int, width: int) -> torch.Tensor:
+        """``(1, C, height, width)`` noise; equal to the tile wherever both are defined."""
+        side = self.tile.shape[-1]
+        repeats = (1, 1, math.ceil(height / side), math.ceil(width / side))
+        return self.tile.repeat(repeats)[..., :height, :width]

@@ -7,16 +7,18 @@ during inference and without the training-time augmentation.
 
 from collections.abc import Callable
 
+from collections.abc import Sequence
+
 import torch
 from lightning.pytorch import LightningModule
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from .validation import check_image_batch
 
 
-def training_images_loader(module: LightningModule) -> DataLoader:
-    """An unshuffled loader over the training split of the module's datamodule."""
+def training_images_loader(module: LightningModule, indices: Sequence[int] | None = None) -> DataLoader:
+    """An unshuffled loader over the training split of the module's datamodule (or the images at ``indices``)."""
     datamodule = getattr(module.trainer, "datamodule", None)
     dataset = getattr(datamodule, "train_data", None)
     if dataset is None:
@@ -27,12 +29,15 @@ def training_images_loader(module: LightningModule) -> DataLoader:
             "Point it at a folder of normal images (Folder: normal_dir; MVTecAD: <root>/<category>/train/good)."
         )
         raise ValueError(msg)
+    collate_fn = getattr(dataset, "collate_fn", None)
+    if indices is not None:
+        dataset = Subset(dataset, list(indices))
     return DataLoader(
         dataset,
         batch_size=getattr(datamodule, "eval_batch_size", 8),
         shuffle=False,
         num_workers=0,
-        collate_fn=getattr(dataset, "collate_fn", None),
+        collate_fn=collate_fn,
     )
 
 
@@ -42,9 +47,10 @@ def collect_training_features(
     feature_fn: Callable[[torch.Tensor], torch.Tensor],
     description: str,
     min_size: int = 1,
+    indices: Sequence[int] | None = None,
 ) -> torch.Tensor:
-    """Concatenate ``feature_fn(pre_processed_images)`` over every training image."""
-    loader = training_images_loader(module)
+    """Concatenate ``feature_fn(pre_processed_images)`` over every training image (or those at ``indices``)."""
+    loader = training_images_loader(module, indices)
     was_training = module.training
     module.eval()
     features = []

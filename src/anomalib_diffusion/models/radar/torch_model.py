@@ -20,6 +20,7 @@ from anomalib.models.components import GaussianBlur2d
 from torch import nn
 
 from anomalib_diffusion.components import (
+    FixedNoise,
     TensorIsolationForest,
     UNetConfig,
     build_unet,
@@ -29,16 +30,11 @@ from anomalib_diffusion.components import (
     make_ddpm_scheduler,
     noise_at_timestep,
     pad_to,
-    seeded_noise,
     sobel_edge_map,
     stitch_patches,
 )
 
 InferenceMode = Literal["patch", "full"]
-
-# Side of the seeded noise tile. Larger images reuse it periodically, so the noise at a pixel
-# never depends on which image sizes were seen before (inference stays deterministic).
-NOISE_TILE = 256
 
 
 class RADARModel(nn.Module):
@@ -88,9 +84,7 @@ class RADARModel(nn.Module):
         self.forest = TensorIsolationForest(n_estimators=n_estimators, contamination=contamination)
         kernel_size = 2 * math.ceil(3 * anomaly_map_sigma) + 1
         self.blur = GaussianBlur2d(sigma=anomaly_map_sigma, channels=1, kernel_size=kernel_size)
-        tile = seeded_noise((1, unet.in_channels, NOISE_TILE, NOISE_TILE), noise_seed)
-        self.register_buffer("noise_tile", tile, persistent=False)
-        self.noise_tile: torch.Tensor
+        self.inference_noise = FixedNoise(unet.in_channels, noise_seed)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | InferenceBatch:
         """Training: ``patches -> (predicted noise, true noise)``. Eval: ``images -> InferenceBatch``.
@@ -137,11 +131,6 @@ class RADARModel(nn.Module):
             predicted = self.predict_noise(noisy)
         residual = (predicted - noise)[..., :height, :width]
         return torch.linalg.vector_norm(residual, dim=1, keepdim=True)
-
-    def inference_noise(self, height: int, width: int) -> torch.Tensor:
-        """The fixed noise ``eps`` for an image of this size: the seeded tile, repeated."""
-        repeats = (1, 1, math.ceil(height / NOISE_TILE), math.ceil(width / NOISE_TILE))
-        return self.noise_tile.repeat(repeats)[..., :height, :width]
 
     def predict_noise(self, samples: torch.Tensor) -> torch.Tensor:
         """``eps_theta(x_t, t)`` at the inference timestep, in chunks when running eagerly."""

