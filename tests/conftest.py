@@ -1,7 +1,7 @@
-"""Shared fixtures: a tiny demo data set and one tiny RADAR trained through anomalib's Engine.
+"""Shared fixtures: a tiny demo data set and one tiny RADAR and GLAD trained through anomalib's Engine.
 
-Training even a tiny diffusion U-Net costs seconds on 2 CPU cores, so the trained model is a
-session fixture that the end-to-end tests share (they only read it).
+Training even a tiny diffusion U-Net costs seconds on 2 CPU cores, so the trained models are
+session fixtures that the end-to-end tests share (they only read them).
 """
 
 from dataclasses import dataclass
@@ -13,7 +13,7 @@ from anomalib.data import MVTecAD
 from anomalib.engine import Engine
 
 from anomalib_diffusion.data import make_demo_dataset
-from anomalib_diffusion.models import RADAR
+from anomalib_diffusion.models import GLAD, RADAR
 
 # Small enough for CI, big enough to exercise patch stitching (3x3 patches per image).
 TINY_RADAR = {
@@ -29,13 +29,29 @@ TINY_RADAR = {
 }
 
 
+# DDIM every 200 steps from 600: timesteps [600, 400, 200, 0], search steps [400] (the search starts after the start step).
+TINY_GLAD = {
+    "image_size": 64,
+    "patch_size": 32,
+    "block_out_channels": (8, 16),
+    "attention_resolutions": (16,),
+    "num_inference_steps": 5,
+    "start_timestep": 600,
+    "min_timestep": 300,
+    "max_steps": 6,
+    "patches_per_step": 4,
+    "calibration_fraction": 0.25,
+}
+
+
 @dataclass
-class TrainedRADAR:
+class TrainedModel:
     engine: Engine
-    model: RADAR
+    model: RADAR | GLAD
     datamodule: MVTecAD
     checkpoint: Path
     root: Path
+
 
 
 def tiny_datamodule(root: Path) -> MVTecAD:
@@ -58,15 +74,23 @@ def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.fixture(scope="session")
-def trained_radar(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> TrainedRADAR:
-    torch.manual_seed(0)
-    work = tmp_path_factory.mktemp("radar_run")
+def train_tiny(model: RADAR | GLAD, demo_root: Path, work: Path) -> TrainedModel:
     datamodule = tiny_datamodule(demo_root)
-    model = RADAR(**TINY_RADAR)
     engine = Engine(default_root_dir=work, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
     engine.fit(model=model, datamodule=datamodule)
     checkpoint = Path(
         engine.trainer.checkpoint_callback.best_model_path or engine.trainer.checkpoint_callback.last_model_path
     )
-    return TrainedRADAR(engine=engine, model=model.eval(), datamodule=datamodule, checkpoint=checkpoint, root=work)
+    return TrainedModel(engine=engine, model=model.eval(), datamodule=datamodule, checkpoint=checkpoint, root=work)
+
+
+@pytest.fixture(scope="session")
+def trained_radar(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> TrainedModel:
+    torch.manual_seed(0)
+    return train_tiny(RADAR(**TINY_RADAR), demo_root, tmp_path_factory.mktemp("radar_run"))
+
+
+@pytest.fixture(scope="session")
+def trained_glad(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> TrainedModel:
+    torch.manual_seed(0)
+    return train_tiny(GLAD(**TINY_GLAD), demo_root, tmp_path_factory.mktemp("glad_run"))

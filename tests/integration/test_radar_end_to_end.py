@@ -9,7 +9,7 @@ from anomalib.data.utils import read_image
 from anomalib.deploy import CompressionType, ExportType, OpenVINOInferencer
 
 from anomalib_diffusion.models import RADAR
-from tests.conftest import TINY_RADAR, TrainedRADAR, tiny_datamodule
+from tests.conftest import TINY_RADAR, TrainedModel, tiny_datamodule
 
 
 def demo_test_images(root: Path, limit: int = 6) -> list[Path]:
@@ -21,7 +21,7 @@ def image_tensor(paths: list[Path]) -> torch.Tensor:
     return torch.stack([read_image(path, as_tensor=True) for path in paths])
 
 
-def test_fit_fits_the_forest_and_test_reports_metrics(trained_radar: TrainedRADAR) -> None:
+def test_fit_fits_the_forest_and_test_reports_metrics(trained_radar: TrainedModel) -> None:
     assert trained_radar.model.is_fitted()
     assert trained_radar.model.global_step == TINY_RADAR["max_steps"]
     results = trained_radar.engine.test(model=trained_radar.model, datamodule=trained_radar.datamodule)
@@ -29,7 +29,7 @@ def test_fit_fits_the_forest_and_test_reports_metrics(trained_radar: TrainedRADA
     assert all(0.0 <= value <= 1.0 for value in results[0].values())
 
 
-def test_predict_gives_maps_at_the_model_input_size(trained_radar: TrainedRADAR) -> None:
+def test_predict_gives_maps_at_the_model_input_size(trained_radar: TrainedModel) -> None:
     predictions = trained_radar.engine.predict(model=trained_radar.model, datamodule=trained_radar.datamodule)
     batch = predictions[0]
     assert batch.anomaly_map.shape[-2:] == (64, 64)
@@ -38,7 +38,7 @@ def test_predict_gives_maps_at_the_model_input_size(trained_radar: TrainedRADAR)
 
 
 def test_checkpoint_round_trip_restores_unet_forest_and_thresholds(
-    trained_radar: TrainedRADAR, demo_root: Path
+    trained_radar: TrainedModel, demo_root: Path
 ) -> None:
     assert trained_radar.checkpoint.is_file()
     restored = RADAR.load_from_checkpoint(trained_radar.checkpoint).eval()
@@ -51,7 +51,7 @@ def test_checkpoint_round_trip_restores_unet_forest_and_thresholds(
     torch.testing.assert_close(actual.pred_label, expected.pred_label)
 
 
-def test_checkpoint_round_trip_through_engine_test(trained_radar: TrainedRADAR, demo_root: Path) -> None:
+def test_checkpoint_round_trip_through_engine_test(trained_radar: TrainedModel, demo_root: Path) -> None:
     results = trained_radar.engine.test(
         model=RADAR(**TINY_RADAR),
         datamodule=tiny_datamodule(demo_root),
@@ -63,7 +63,7 @@ def test_checkpoint_round_trip_through_engine_test(trained_radar: TrainedRADAR, 
 
 
 @pytest.fixture(scope="module")
-def openvino_model(trained_radar: TrainedRADAR, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def openvino_model(trained_radar: TrainedModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
     export_root = tmp_path_factory.mktemp("export")
     return trained_radar.engine.export(
         model=trained_radar.model, export_type=ExportType.OPENVINO, export_root=export_root
@@ -71,7 +71,7 @@ def openvino_model(trained_radar: TrainedRADAR, tmp_path_factory: pytest.TempPat
 
 
 def test_openvino_matches_torch_on_real_images(
-    trained_radar: TrainedRADAR, demo_root: Path, openvino_model: Path
+    trained_radar: TrainedModel, demo_root: Path, openvino_model: Path
 ) -> None:
     import openvino as ov
 
@@ -91,7 +91,7 @@ def test_openvino_matches_torch_on_real_images(
 
 
 def test_openvino_inferencer_predicts_on_an_image_file(
-    trained_radar: TrainedRADAR,
+    trained_radar: TrainedModel,
     demo_root: Path,
     openvino_model: Path,
     tmp_path: Path,
@@ -106,7 +106,7 @@ def test_openvino_inferencer_predicts_on_an_image_file(
     assert prediction.anomaly_map.shape[-2:] == (64, 64)
 
 
-def test_onnx_export_runs_in_openvino(trained_radar: TrainedRADAR, demo_root: Path, tmp_path: Path) -> None:
+def test_onnx_export_runs_in_openvino(trained_radar: TrainedModel, demo_root: Path, tmp_path: Path) -> None:
     import openvino as ov
 
     onnx_path = trained_radar.engine.export(
@@ -123,7 +123,7 @@ def test_onnx_export_runs_in_openvino(trained_radar: TrainedRADAR, demo_root: Pa
 
 
 def test_int8_quantises_the_unet_and_keeps_the_scoring_head_working(
-    trained_radar: TrainedRADAR, demo_root: Path, openvino_model: Path, tmp_path: Path
+    trained_radar: TrainedModel, demo_root: Path, openvino_model: Path, tmp_path: Path
 ) -> None:
     import openvino as ov
 
@@ -148,7 +148,7 @@ def test_int8_quantises_the_unet_and_keeps_the_scoring_head_working(
     assert np.corrcoef(maps["int8"].ravel(), maps["fp32"].ravel())[0, 1] > 0.8
 
 
-def test_int8_without_a_datamodule_says_what_to_pass(trained_radar: TrainedRADAR, tmp_path: Path) -> None:
+def test_int8_without_a_datamodule_says_what_to_pass(trained_radar: TrainedModel, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="INT8_PTQ needs a datamodule"):
         trained_radar.model.to_openvino(tmp_path, compression_type=CompressionType.INT8_PTQ)
     assert not any(tmp_path.iterdir()), "nothing may be written on refusal"

@@ -24,21 +24,22 @@ def test_import_hook_is_installed_by_the_pth_file() -> None:
     assert "_AnomalibModelsFinder" in result.stdout
 
 
-def test_get_model_and_anomalib_models_alias() -> None:
+@pytest.mark.parametrize("name", ["RADAR", "GLAD"])
+def test_get_model_and_anomalib_models_alias(name: str) -> None:
     code = (
         "from anomalib.models import get_model, list_models\n"
         "import anomalib.models\n"
-        "model = get_model('radar', max_steps=3)\n"
-        "print(type(model).__module__, anomalib.models.RADAR is type(model), model.max_steps)\n"
-        "print('RADAR' in list_models(case='pascal'))\n"
-        "print(type(get_model({'class_path': 'anomalib.models.RADAR'})).__name__)\n"
+        f"model = get_model('{name.lower()}', max_steps=3)\n"
+        f"print(type(model).__module__, anomalib.models.{name} is type(model), model.max_steps)\n"
+        f"print('{name}' in list_models(case='pascal'))\n"
+        f"print(type(get_model({{'class_path': 'anomalib.models.{name}'}})).__name__)\n"
     )
     result = run_python(code)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0] == "anomalib_diffusion.models.radar.lightning_model True 3"
+    assert lines[0] == f"anomalib_diffusion.models.{name.lower()}.lightning_model True 3"
     assert lines[1] == "True"
-    assert lines[2] == "RADAR"
+    assert lines[2] == name
 
 
 def test_importing_a_plugin_module_first_still_aliases_lazily() -> None:
@@ -48,7 +49,9 @@ def test_importing_a_plugin_module_first_still_aliases_lazily() -> None:
     assert "could not register" not in result.stderr
 
 
-@pytest.mark.parametrize("name", ["RADAR", "anomalib_diffusion.models.RADAR", "anomalib.models.RADAR"])
+@pytest.mark.parametrize(
+    "name", ["RADAR", "anomalib_diffusion.models.RADAR", "anomalib.models.RADAR", "GLAD", "anomalib.models.GLAD"]
+)
 def test_anomalib_cli_resolves_the_model(name: str) -> None:
     result = subprocess.run(
         [str(BIN / "anomalib"), "train", "--model", name, "--model.max_steps", "7", "--print_config"],
@@ -58,5 +61,5 @@ def test_anomalib_cli_resolves_the_model(name: str) -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "RADAR" in result.stdout
+    assert name.rsplit(".", 1)[-1] in result.stdout
     assert "max_steps: 7" in result.stdout

@@ -11,7 +11,8 @@ synthetic anomalies *towards the normal image*. For timestep ``t`` the clean inp
 estimate ``x0_hat = (x_t - sqrt(1 - abar_t) eps*) / sqrt(abar_t)`` is exactly ``x_normal``.
 
 Inference (ADS + SAFF): the image is noised to ``start_timestep`` with fixed seeded noise and
-denoised with a fixed list of DDIM steps. At each search step the generated estimate ``x0_hat``
+denoised with a fixed list of DDIM steps. At each search step (every DDIM step after the first,
+down to ``min_timestep``; at the first the two estimates below coincide) the generated estimate ``x0_hat``
 is compared with the input-anchored estimate ``x0_tilde = x + sqrt((1 - abar_t) / abar_t)(eps -
 eps_theta)`` (the same step's formula applied to the input noised with the same ``eps``) by a
 per-location feature distance. The first step whose top-k mean distance exceeds the calibrated
@@ -116,11 +117,14 @@ class GLADModel(nn.Module):
         self.scheduler = DDIMScheduler.from_config(self.train_scheduler.config, clip_sample=True, set_alpha_to_one=True)
         self.scheduler.set_timesteps(num_inference_steps)
         self.timesteps = [int(t) for t in self.scheduler.timesteps if t <= start_timestep]
-        self.search_timesteps = [t for t in self.timesteps if t >= min_timestep] if adaptive else []
+        # At the start step the trajectory *is* the noised input, so x0_hat == x0_tilde there and
+        # the comparison is only float noise: the search starts one step later.
+        self.search_timesteps = [t for t in self.timesteps[1:] if t >= min_timestep] if adaptive else []
         if adaptive and not self.search_timesteps:
             msg = (
-                f"No DDIM step lies between min_timestep={min_timestep} and start_timestep={start_timestep} "
-                f"with num_inference_steps={num_inference_steps} (steps: {self.timesteps}); lower min_timestep."
+                f"No DDIM step after the start lies between min_timestep={min_timestep} and "
+                f"start_timestep={start_timestep} with num_inference_steps={num_inference_steps} "
+                f"(steps: {self.timesteps}); lower min_timestep or raise start_timestep."
             )
             raise ValueError(msg)
         self.adaptive = adaptive

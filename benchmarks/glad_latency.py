@@ -1,0 +1,154 @@
+"""How GLAD's latency grows with the number of DDIM steps and with image size, as ratios against RADAR.
+
+GLAD reconstructs an image with several U-Net calls (one per DDIM step from the start step, plus
+the feature passes of the step search and of the scoring); RADAR makes one noise prediction per
+patch. This script measures both, in the same process, on the same CPU:
+
+- for each image size (``--sizes``), RADAR with its defaults, and GLAD with each DDIM step
+  spacing in ``--steps`` (``num_inference_steps``; the start and search steps stay 700 and 350,
+  so 10 spacing steps mean 8 U-Net calls in the reconstruction);
+- latency of one image (batch 1, median of ``--runs`` after ``--warmup`` untimed runs) in
+  torch eager and in OpenVINO FP32 (``anomalib``'s ``to_openvino`` export, compiled with
+  ``INFERENCE_PRECISION_HINT=f32``), each also as a multiple of RADAR's latency at that size.
+
+Latency does not depend on what the weights are, so the models are not trained: each is built
+with its default architecture and marked fitted with placeholder calibration values (every
+sample runs the same, fixed graph). Quality is measured elsewhere (``glad_ablation.py``).
+
+Rerun (writes ``docs/benchmarks/glad_latency.md``; about 10 minutes on an idle 2-core CPU)::
+
+    python benchmarks/glad_latency.py
+
+Smoke test (prints only)::
+
+    python benchmarks/glad_latency.py --quick
+"""
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import openvino as ov
+import torch
+from lightning import seed_everything
+
+from anomalib_diffusion.models import GLAD, RADAR
+
+sys.path.insert(0, str(Path(__file__).parent))
+from radar_vs_padim import OPENVINO_CONFIG, machine_info, markdown_table, write_atomically  # noqa: E402
+
+REPORT = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "glad_latency.md"
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[128, 256, 384], help="square image sides")
+    parser.add_argument("--steps", type=int, nargs="+", default=[5, 10, 20], help="GLAD num_inference_steps values")
+    parser.add_argument("--runs", type=int, default=None, help="timed runs per cell (default 10; --quick: 2)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed runs before timing")
+    parser.add_argument("--output", default=None, help=f"report path ('-' prints only; default {REPORT})")
+    parser.add_argument("--quick", action="store_true", help="one small size, two step counts, 2 runs; prints only")
+    return parser.parse_args(argv)
+
+
+def fitted_glad(size: int, steps: int) -> GLAD:
+    model = GLAD(image_size=size, num_inference_steps=steps, visualizer=False).eval()
+    model.model.tau.fill_(0.5)
+    model.model.ramp_high.fill_(1.0)
+    model.model.fitted.fill_(True)
+    return model
+
+
+def fitted_radar(size: int) -> RADAR:
+    model = RADAR(image_size=size, visualizer=False).eval()
+    model.model.forest.fit(np.random.default_rng(0).random((64, 2)).astype(np.float32))
+    return model
+
+
+def median_ms(call: Callable[[], object], warmup: int, runs: int) -> float:
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def measure(model: GLAD | RADAR, size: int, work: Path, name: str, warmup: int, runs: int) -> dict[str, float]:
+    image = torch.rand(1, 3, size, size)
+    with torch.inference_mode():
+        eager = median_ms(lambda: model(image), warmup, runs)
+    xml = model.to_openvino(work / name)
+    request = ov.Core().compile_model(xml, "CPU", OPENVINO_CONFIG).create_infer_request()
+    array = image.numpy()
+    openvino = median_ms(lambda: request.infer(array), warmup, runs)
+    return {"torch": eager, "openvino": openvino}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    sizes = args.sizes[:1] if args.quick else args.sizes
+    step_values = args.steps[:2] if args.quick else args.steps
+    runs = args.runs or (2 if args.quick else 10)
+    seed_everything(0)
+    rows = []
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as scratch:
+        work = Path(scratch)
+        for size in sizes:
+            radar = measure(fitted_radar(size), size, work, f"radar{size}", args.warmup, runs)
+            print(f"RADAR {size}: {radar}", flush=True)
+            rows.append([f"{size}x{size}", "RADAR (patch mode)", "1", f"{radar['torch']:.0f}", "1.0",
+                         f"{radar['openvino']:.0f}", "1.0"])
+            for steps in step_values:
+                model = fitted_glad(size, steps)
+                calls = len(model.model.timesteps)
+                glad = measure(model, size, work, f"glad{size}_{steps}", args.warmup, runs)
+                print(f"GLAD {size} steps={steps} ({calls} U-Net calls): {glad}", flush=True)
+                rows.append([
+                    f"{size}x{size}",
+                    f"GLAD num_inference_steps={steps}",
+                    str(calls),
+                    f"{glad['torch']:.0f}",
+                    f"{glad['torch'] / radar['torch']:.1f}",
+                    f"{glad['openvino']:.0f}",
+                    f"{glad['openvino'] / radar['openvino']:.1f}",
+                ])
+    minutes = (time.perf_counter() - start) / 60
+    table = markdown_table(
+        ["image", "model", "U-Net calls in the reconstruction", "torch ms", "x RADAR", "OpenVINO FP32 ms", "x RADAR"],
+        rows,
+    )
+    command = "python benchmarks/glad_latency.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    report = "\n".join([
+        "# GLAD latency vs DDIM steps and image size, against RADAR",
+        "",
+        f"Generated by `{command.strip()}` on {datetime.now().strftime('%Y-%m-%d')} in {minutes:.1f} min; "
+        "do not edit by hand.",
+        "",
+        table,
+        "",
+        f"- One image per call (batch 1), median of {runs} runs after {args.warmup} warm-up runs; the whole "
+        "exported graph (resize, model, scoring, post-processing).",
+        "- Untrained models with default architectures (latency does not depend on the weights); GLAD starts at "
+        "timestep 700 and searches down to 350, so its reconstruction makes one U-Net call per DDIM step below 700.",
+        "- Machine: " + ", ".join(f"{key} {value}" for key, value in machine_info().items()),
+        "",
+    ])
+    print(report)
+    output = None if args.quick and args.output is None else (args.output or str(REPORT))
+    if output and output != "-":
+        write_atomically(Path(output), report)
+        print(f"Report written to {output}")
+
+
+if __name__ == "__main__":
+    main()

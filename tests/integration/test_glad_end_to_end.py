@@ -1,0 +1,131 @@
+"""GLAD end to end through anomalib's Engine, checkpoints, calibration and exports."""
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from anomalib.deploy import ExportType, OpenVINOInferencer
+
+from anomalib_diffusion.models import GLAD
+from tests.conftest import TINY_GLAD, TrainedModel, tiny_datamodule
+from tests.integration.test_radar_end_to_end import demo_test_images, image_tensor
+
+F32 = {"INFERENCE_PRECISION_HINT": "f32"}
+
+
+def test_fit_calibrates_on_held_out_training_images(trained_glad: TrainedModel) -> None:
+    model = trained_glad.model
+    assert model.is_fitted()
+    assert model.global_step == TINY_GLAD["max_steps"]
+    assert torch.isfinite(model.model.tau).all()
+    assert (model.model.ramp_high > model.model.ramp_low).all()
+    train_paths = {str(path) for path in trained_glad.datamodule.train_data.samples["image_path"]}
+    assert model._holdout_paths
+    assert model._holdout_paths < train_paths  # 2 of the 8 normal training images, never a test image
+    assert len(model._holdout_paths) == round(TINY_GLAD["calibration_fraction"] * len(train_paths))
+
+
+def test_inference_uses_the_ema_weights(trained_glad: TrainedModel) -> None:
+    model = trained_glad.model.model
+    trained = dict(model.unet.named_parameters())
+    differing = [name for name, value in model.ema_unet.named_parameters() if not torch.equal(value, trained[name])]
+    assert differing, "after training the EMA copy must differ from the optimised weights"
+
+
+def test_test_reports_metrics(trained_glad: TrainedModel) -> None:
+    results = trained_glad.engine.test(model=trained_glad.model, datamodule=trained_glad.datamodule)
+    assert set(results[0]) >= {"image_AUROC", "image_F1Score", "pixel_AUROC", "pixel_F1Score"}
+    assert all(0.0 <= value <= 1.0 for value in results[0].values())
+
+
+def test_checkpoint_round_trip_restores_weights_and_calibration(trained_glad: TrainedModel, demo_root: Path) -> None:
+    restored = GLAD.load_from_checkpoint(trained_glad.checkpoint).eval()
+    assert restored.is_fitted()
+    torch.testing.assert_close(restored.model.tau, trained_glad.model.model.tau, rtol=0, atol=0)
+    images = image_tensor(demo_test_images(demo_root, limit=3))
+    with torch.no_grad():
+        expected, actual = trained_glad.model(images), restored(images)
+    torch.testing.assert_close(actual.pred_score, expected.pred_score, rtol=0, atol=0)
+    torch.testing.assert_close(actual.anomaly_map, expected.anomaly_map, rtol=0, atol=0)
+
+
+def test_a_radar_checkpoint_is_refused_by_name(trained_radar: TrainedModel) -> None:
+    with pytest.raises(ValueError, match="not a GLAD checkpoint: it was saved by anomalib-diffusion's RADAR"):
+        GLAD.load_from_checkpoint(trained_radar.checkpoint)
+
+
+def test_a_checkpoint_with_other_adaptive_settings_names_them(trained_glad: TrainedModel, demo_root: Path) -> None:
+    with pytest.raises(ValueError, match="min_timestep=300.*min_timestep=500"):
+        trained_glad.engine.test(
+            model=GLAD(**(TINY_GLAD | {"min_timestep": 500})),
+            datamodule=tiny_datamodule(demo_root),
+            ckpt_path=trained_glad.checkpoint,
+        )
+
+
+@pytest.fixture(scope="module")
+def glad_openvino(trained_glad: TrainedModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return trained_glad.engine.export(
+        model=trained_glad.model, export_type=ExportType.OPENVINO, export_root=tmp_path_factory.mktemp("glad_ov")
+    )
+
+
+def test_openvino_matches_torch_on_real_images(
+    trained_glad: TrainedModel, demo_root: Path, glad_openvino: Path
+) -> None:
+    import openvino as ov
+
+    images = image_tensor(demo_test_images(demo_root))
+    compiled = ov.Core().compile_model(glad_openvino, "CPU", F32)
+    with torch.no_grad():
+        expected = trained_glad.model(images)
+    for index in range(images.shape[0]):
+        outputs = compiled(images[index : index + 1].numpy())
+        result = {name: outputs[output] for output in compiled.outputs for name in output.names}
+        np.testing.assert_allclose(result["pred_score"], expected.pred_score[index : index + 1].numpy(), atol=1e-4)
+        np.testing.assert_allclose(result["anomaly_map"], expected.anomaly_map[index : index + 1].numpy(), atol=1e-4)
+
+
+def test_per_sample_step_decisions_survive_export(trained_glad: TrainedModel, demo_root: Path, tmp_path: Path) -> None:
+    """With tau between the images' discrepancies, some cross and some do not, in torch and in OpenVINO alike."""
+    import openvino as ov
+
+    model = copy.deepcopy(trained_glad.model).eval()
+    images = image_tensor(demo_test_images(demo_root))
+    with torch.no_grad():
+        first = model.model.reconstruct(model.model.pad(images * 2 - 1)).discrepancies[:, 0]
+        model.model.tau[0] = first.median()
+        chosen = model.model.reconstruct(model.model.pad(images * 2 - 1)).chosen_timestep
+        expected = model(images)
+    assert set(chosen.tolist()) >= {0.0, 400.0}, "the test needs images on both sides of tau"
+    compiled = ov.Core().compile_model(model.to_openvino(tmp_path), "CPU", F32)
+    for index in range(images.shape[0]):
+        outputs = compiled(images[index : index + 1].numpy())
+        result = {name: outputs[output] for output in compiled.outputs for name in output.names}
+        np.testing.assert_allclose(result["anomaly_map"], expected.anomaly_map[index : index + 1].numpy(), atol=1e-4)
+
+
+def test_openvino_inferencer_predicts_on_an_image_file(
+    trained_glad: TrainedModel, demo_root: Path, glad_openvino: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    path = demo_test_images(demo_root)[-1]
+    prediction = OpenVINOInferencer(glad_openvino, device="CPU").predict(path)
+    with torch.no_grad():
+        expected = trained_glad.model(image_tensor([path]))
+    np.testing.assert_allclose(prediction.pred_score, expected.pred_score.numpy(), atol=1e-4)
+
+
+def test_onnx_export_matches_torch(trained_glad: TrainedModel, demo_root: Path, tmp_path: Path) -> None:
+    import openvino as ov
+
+    onnx_path = trained_glad.engine.export(model=trained_glad.model, export_type=ExportType.ONNX, export_root=tmp_path)
+    compiled = ov.Core().compile_model(onnx_path, "CPU", F32)
+    image = image_tensor(demo_test_images(demo_root)[:1])
+    with torch.no_grad():
+        expected = trained_glad.model(image)
+    outputs = compiled(image.numpy())
+    maps = next(outputs[output] for output in compiled.outputs if "anomaly_map" in output.names)
+    np.testing.assert_allclose(maps, expected.anomaly_map.numpy(), atol=1e-4)

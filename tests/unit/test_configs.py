@@ -1,0 +1,37 @@
+"""The shipped configs name every model argument, with the model's own defaults."""
+
+import inspect
+from pathlib import Path
+
+import pytest
+import yaml
+
+from anomalib_diffusion.models import GLAD, RADAR
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+NOT_IN_CONFIG = {"self", "pre_processor", "post_processor", "evaluator", "visualizer"}
+
+
+def as_config_value(value: object) -> object:
+    return list(value) if isinstance(value, tuple) else value
+
+
+@pytest.mark.parametrize(("model", "name"), [(RADAR, "radar.yaml"), (GLAD, "glad.yaml")])
+def test_config_lists_every_argument_with_its_default(model: type, name: str) -> None:
+    config = yaml.safe_load((CONFIGS / name).read_text())
+    assert config["model"]["class_path"] == f"anomalib_diffusion.models.{model.__name__}"
+    init_args = config["model"]["init_args"]
+    parameters = {
+        key: parameter.default
+        for key, parameter in inspect.signature(model.__init__).parameters.items()
+        if key not in NOT_IN_CONFIG
+    }
+    assert set(init_args) == set(parameters)
+    for key, default in parameters.items():
+        assert init_args[key] == as_config_value(default), key
+
+
+@pytest.mark.parametrize(("model", "name"), [(RADAR, "radar_demo.yaml"), (GLAD, "glad_demo.yaml")])
+def test_demo_config_overrides_build(model: type, name: str) -> None:
+    config = yaml.safe_load((CONFIGS / name).read_text())
+    model(**config["model"]["init_args"])
