@@ -53,7 +53,6 @@ class TrainedModel:
     root: Path
 
 
-
 def tiny_datamodule(root: Path) -> MVTecAD:
     return MVTecAD(root=root, category="brick", train_batch_size=4, eval_batch_size=4, num_workers=0, seed=0)
 

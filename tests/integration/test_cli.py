@@ -1,4 +1,4 @@
-"""The unmodified ``anomalib`` console script, run as real subprocesses, with RADAR."""
+"""The unmodified ``anomalib`` console script, run as real subprocesses, with RADAR and GLAD."""
 
 import csv
 import subprocess
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import TINY_RADAR
+from tests.conftest import TINY_GLAD, TINY_RADAR
 
 BIN = Path(sys.executable).parent
 
@@ -19,10 +19,13 @@ def run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return result
 
 
-def tiny_model_config() -> dict:
+TINY = {"RADAR": TINY_RADAR, "GLAD": TINY_GLAD}
+
+
+def tiny_model_config(name: str = "RADAR") -> dict:
     return {
-        "class_path": "RADAR",
-        "init_args": {key: list(value) if isinstance(value, tuple) else value for key, value in TINY_RADAR.items()},
+        "class_path": name,
+        "init_args": {key: list(value) if isinstance(value, tuple) else value for key, value in TINY[name].items()},
     }
 
 
@@ -139,12 +142,13 @@ def test_cli_test_with_other_model_settings_names_them(cli_checkpoint: Path, dem
     assert "size mismatch" not in output
 
 
-def test_anomalib_benchmark_runs_a_radar_job(demo_root: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["RADAR", "GLAD"])
+def test_anomalib_benchmark_runs_a_job(name: str, demo_root: Path, tmp_path: Path) -> None:
     config = {
         "accelerator": "cpu",
         "benchmark": {
             "seed": 0,
-            "model": tiny_model_config(),
+            "model": tiny_model_config(name),
             "data": tiny_data_config(demo_root, "MVTecAD"),  # the short name, as benchmark users write it
         },
     }
@@ -156,5 +160,22 @@ def test_anomalib_benchmark_runs_a_radar_job(demo_root: Path, tmp_path: Path) ->
     with results[0].open() as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 1
-    assert rows[0]["model.class_path"] == "RADAR"
+    assert rows[0]["model.class_path"] == name
     assert 0.0 <= float(rows[0]["image_AUROC"]) <= 1.0
+
+
+def test_cli_trains_and_exports_glad_by_its_short_name(demo_root: Path, tmp_path: Path) -> None:
+    model_flags = [
+        flag
+        for key, value in TINY_GLAD.items()
+        for flag in (f"--model.{key}", str(list(value)) if isinstance(value, tuple) else str(value))
+    ]
+    data_flags = ["--data", "anomalib.data.MVTecAD", "--data.root", str(demo_root), "--data.category", "brick"]
+    data_flags += ["--data.num_workers", "0", "--data.train_batch_size", "4", "--data.eval_batch_size", "4"]
+    train = [str(BIN / "anomalib"), "train", "--model", "GLAD", *model_flags, *data_flags]
+    result = run([*train, "--trainer.accelerator", "cpu", "--default_root_dir", "results"], cwd=tmp_path)
+    assert "image_AUROC" in result.stdout + result.stderr
+    [checkpoint] = (tmp_path / "results").rglob("model.ckpt")
+    export = [str(BIN / "anomalib"), "export", "--model", "GLAD", "--ckpt_path", str(checkpoint)]
+    run([*export, "--export_type", "openvino", "--export_root", "export"], cwd=tmp_path)
+    assert (tmp_path / "export" / "weights" / "openvino" / "model.xml").is_file()

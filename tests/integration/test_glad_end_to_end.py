@@ -57,9 +57,9 @@ def test_a_radar_checkpoint_is_refused_by_name(trained_radar: TrainedModel) -> N
 
 
 def test_a_checkpoint_with_other_adaptive_settings_names_them(trained_glad: TrainedModel, demo_root: Path) -> None:
-    with pytest.raises(ValueError, match="min_timestep=300.*min_timestep=500"):
+    with pytest.raises(ValueError, match="min_timestep=300.*min_timestep=200"):
         trained_glad.engine.test(
-            model=GLAD(**(TINY_GLAD | {"min_timestep": 500})),
+            model=GLAD(**(TINY_GLAD | {"min_timestep": 200})),
             datamodule=tiny_datamodule(demo_root),
             ckpt_path=trained_glad.checkpoint,
         )

@@ -87,7 +87,9 @@ def test_shuffle_blocks_permutes_whole_blocks() -> None:
     shuffled = shuffle_blocks(image, grid=4, generator=torch.Generator().manual_seed(0))
     assert not torch.equal(shuffled, image)
     blocks = {tuple(image[:, r : r + 2, c : c + 2].flatten().tolist()) for r in range(0, 8, 2) for c in range(0, 8, 2)}
-    moved = {tuple(shuffled[:, r : r + 2, c : c + 2].flatten().tolist()) for r in range(0, 8, 2) for c in range(0, 8, 2)}
+    moved = {
+        tuple(shuffled[:, r : r + 2, c : c + 2].flatten().tolist()) for r in range(0, 8, 2) for c in range(0, 8, 2)
+    }
     assert blocks == moved
 
 

@@ -263,7 +263,9 @@ class TestGLADModule:
     def test_training_skips_a_batch_that_is_entirely_held_out(self) -> None:
         model = GLAD(**TINY_GLAD)
         model._holdout_paths = frozenset({"a.png", "b.png"})
-        batch = ImageBatch(image=torch.rand(2, 3, 64, 64), image_path=["a.png", "b.png"], gt_label=torch.zeros(2, dtype=torch.bool))
+        batch = ImageBatch(
+            image=torch.rand(2, 3, 64, 64), image_path=["a.png", "b.png"], gt_label=torch.zeros(2, dtype=torch.bool)
+        )
         assert model.training_step(batch) is None
 
     def test_training_uses_only_images_that_are_not_held_out(self, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -281,7 +283,9 @@ class TestGLADModule:
         monkeypatch.setattr(model.model, "training_pair", spy)
         monkeypatch.setattr(model, "log", lambda *args, **kwargs: None)
         batch = ImageBatch(
-            image=torch.cat([held, kept]), image_path=["held.png", "kept.png"], gt_label=torch.zeros(2, dtype=torch.bool)
+            image=torch.cat([held, kept]),
+            image_path=["held.png", "kept.png"],
+            gt_label=torch.zeros(2, dtype=torch.bool),
         )
         model.training_step(batch)
         assert torch.equal(seen[0], torch.ones_like(seen[0]))

