@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from anomalib.deploy import ExportType, OpenVINOInferencer
+from anomalib.deploy import CompressionType, ExportType, OpenVINOInferencer
 
 from anomalib_diffusion.models import GLAD
 from tests.conftest import TINY_GLAD, TrainedModel, tiny_datamodule
@@ -129,3 +129,40 @@ def test_onnx_export_matches_torch(trained_glad: TrainedModel, demo_root: Path, 
     outputs = compiled(image.numpy())
     maps = next(outputs[output] for output in compiled.outputs if "anomaly_map" in output.names)
     np.testing.assert_allclose(maps, expected.anomaly_map.numpy(), atol=1e-4)
+
+
+def test_int8_weight_compression_keeps_the_map(
+    trained_glad: TrainedModel, demo_root: Path, glad_openvino: Path, tmp_path: Path
+) -> None:
+    import openvino as ov
+
+    path = trained_glad.engine.export(
+        model=trained_glad.model,
+        export_type=ExportType.OPENVINO,
+        export_root=tmp_path,
+        compression_type=CompressionType.INT8,
+    )
+    core = ov.Core()
+    int8_weights = [
+        op
+        for op in core.read_model(path).get_ops()
+        if op.get_type_name() == "Constant" and op.get_element_type() == ov.Type.u8
+    ]
+    assert len(int8_weights) > 10, "the U-Net's weights must be stored as 8-bit integers"
+    images = image_tensor(demo_test_images(demo_root, limit=8))
+    maps = {}
+    for name, model_path in {"int8": path, "fp32": glad_openvino}.items():
+        compiled = core.compile_model(model_path, "CPU", F32)
+        output = next(port for port in compiled.outputs if "anomaly_map" in port.names)
+        maps[name] = np.concatenate([compiled(images[i : i + 1].numpy())[output] for i in range(images.shape[0])])
+    assert maps["int8"].std() > 0.5 * maps["fp32"].std()
+    assert np.corrcoef(maps["int8"].ravel(), maps["fp32"].ravel())[0, 1] > 0.95
+
+
+@pytest.mark.parametrize("compression", [CompressionType.INT8_PTQ, CompressionType.INT8_ACQ])
+def test_activation_quantisation_is_refused_before_writing(
+    trained_glad: TrainedModel, demo_root: Path, compression: CompressionType, tmp_path: Path
+) -> None:
+    with pytest.raises(ValueError, match=rf"compression_type={compression.name}.*Use compression_type=INT8"):
+        trained_glad.model.to_openvino(tmp_path, compression_type=compression, datamodule=tiny_datamodule(demo_root))
+    assert not any(tmp_path.iterdir()), "nothing may be written on refusal"

@@ -14,12 +14,12 @@ Example:
 
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
-from anomalib import TaskType
 from anomalib.data import AnomalibDataModule, Batch
 from anomalib.deploy import CompressionType
 from anomalib.metrics import Evaluator
@@ -30,7 +30,6 @@ from diffusers.training_utils import EMAModel
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
-from torchmetrics import Metric
 
 from anomalib_diffusion.augmentation import PerlinAnomalySynthesis
 from anomalib_diffusion.components import (
@@ -47,9 +46,6 @@ from anomalib_diffusion.components import (
 
 from .torch_model import FeatureExtractorName, GLADModel
 
-if TYPE_CHECKING:
-    import openvino as ov
-
 __all__ = ["GLAD"]
 
 logger = logging.getLogger(__name__)
@@ -62,6 +58,9 @@ RAMP_QUANTILE = 0.99
 # Distance-map values per image and search step kept for the ramp quantile (torch.quantile's
 # input is limited to 16M values).
 RAMP_SAMPLES_PER_IMAGE = 4096
+
+
+UNSUPPORTED_COMPRESSION = frozenset({CompressionType.INT8_PTQ, CompressionType.INT8_ACQ})
 
 
 class GLAD(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
@@ -320,23 +319,30 @@ class GLAD(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
 
     # -- export ------------------------------------------------------------------------------
 
-    def _compress_ov_model(
+    def to_openvino(
         self,
-        model: "ov.Model",
+        export_root: Path | str,
+        model_file_name: str = "model",
+        input_size: tuple[int, int] | None = None,
         compression_type: CompressionType | None = None,
         datamodule: AnomalibDataModule | None = None,
-        metric: Metric | None = None,
-        task: TaskType | None = None,
-        max_drop: float = 0.01,
-    ) -> "ov.Model":
-        """INT8_PTQ is calibrated on normal training images, never on the validation (test) split."""
-        if compression_type != CompressionType.INT8_PTQ:
-            return super()._compress_ov_model(model, compression_type, datamodule, metric, task, max_drop)
-        import nncf
+        **kwargs: Any,  # noqa: ANN401
+    ) -> Path:
+        """OpenVINO IR of the whole adaptive reconstruction; FP16 and INT8 (weight-only) compression supported.
 
-        datamodule.setup("fit")
-        images = [item.image[None].numpy() for item in datamodule.train_data]
-        return nncf.quantize(model, nncf.Dataset(images), subset_size=min(300, len(images)))
+        Activation quantisation (``INT8_PTQ``, ``INT8_ACQ``) is refused before anything is written: the
+        step search compares feature distances with the calibrated tau inside the graph, and NNCF's
+        activation ranges collapse those distances (measured on a trained model: an all-zero anomaly
+        map, even with only the U-Net's convolutions and linear layers quantised).
+        """
+        if compression_type in UNSUPPORTED_COMPRESSION:
+            msg = (
+                f"GLAD cannot be exported with compression_type={compression_type.name}: quantising activations "
+                "collapses the feature distances its step search and anomaly map are built from (the map becomes "
+                "all zeros). Use compression_type=INT8 (weight-only INT8, NNCF compress_weights) or FP16."
+            )
+            raise ValueError(msg)
+        return super().to_openvino(export_root, model_file_name, input_size, compression_type, datamodule, **kwargs)
 
 
 def _check_glad_config(ema_decay: float, calibration_fraction: float, calibration_quantile: float) -> None:
