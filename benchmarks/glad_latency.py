@@ -15,7 +15,7 @@ Latency does not depend on what the weights are, so the models are not trained: 
 with its default architecture and marked fitted with placeholder calibration values (every
 sample runs the same, fixed graph). Quality is measured elsewhere (``glad_ablation.py``).
 
-Rerun (writes ``docs/benchmarks/glad_latency.md``; about 10 minutes on an idle 2-core CPU)::
+Rerun (writes ``docs/benchmarks/glad_latency.md``; about 40 minutes on an idle 2-core CPU: every cell exports the model)::
 
     python benchmarks/glad_latency.py
 
