@@ -10,7 +10,7 @@ from anomalib.deploy import CompressionType, ExportType, OpenVINOInferencer
 
 from anomalib_diffusion.models import GLAD
 from tests.conftest import TINY_GLAD, TrainedModel, tiny_datamodule
-from tests.integration.test_radar_end_to_end import demo_test_images, image_tensor
+from tests.integration.test_radar_end_to_end import demo_test_images, image_tensor, openvino_anomaly_maps
 
 F32 = {"INFERENCE_PRECISION_HINT": "f32"}
 
@@ -149,12 +149,9 @@ def test_int8_weight_compression_keeps_the_map(
         if op.get_type_name() == "Constant" and op.get_element_type() == ov.Type.u8
     ]
     assert len(int8_weights) > 10, "the U-Net's weights must be stored as 8-bit integers"
-    images = image_tensor(demo_test_images(demo_root, limit=8))
-    maps = {}
-    for name, model_path in {"int8": path, "fp32": glad_openvino}.items():
-        compiled = core.compile_model(model_path, "CPU", F32)
-        output = next(port for port in compiled.outputs if "anomaly_map" in port.names)
-        maps[name] = np.concatenate([compiled(images[i : i + 1].numpy())[output] for i in range(images.shape[0])])
+    maps = openvino_anomaly_maps(
+        {"int8": path, "fp32": glad_openvino}, image_tensor(demo_test_images(demo_root, limit=8))
+    )
     assert maps["int8"].std() > 0.5 * maps["fp32"].std()
     assert np.corrcoef(maps["int8"].ravel(), maps["fp32"].ravel())[0, 1] > 0.95
 

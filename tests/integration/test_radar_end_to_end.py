@@ -21,6 +21,19 @@ def image_tensor(paths: list[Path]) -> torch.Tensor:
     return torch.stack([read_image(path, as_tensor=True) for path in paths])
 
 
+def openvino_anomaly_maps(model_paths: dict[str, Path], images: torch.Tensor) -> dict[str, np.ndarray]:
+    """Each exported model's ``anomaly_map`` of every image (one per call, FP32), keyed as ``model_paths``."""
+    import openvino as ov
+
+    core = ov.Core()
+    maps = {}
+    for name, model_path in model_paths.items():
+        compiled = core.compile_model(model_path, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        output = next(port for port in compiled.outputs if "anomaly_map" in port.names)
+        maps[name] = np.concatenate([compiled(images[i : i + 1].numpy())[output] for i in range(images.shape[0])])
+    return maps
+
+
 def test_fit_fits_the_forest_and_test_reports_metrics(trained_radar: TrainedModel) -> None:
     assert trained_radar.model.is_fitted()
     assert trained_radar.model.global_step == TINY_RADAR["max_steps"]
@@ -137,12 +150,9 @@ def test_int8_quantises_the_unet_and_keeps_the_scoring_head_working(
     core = ov.Core()
     quantised_ops = [op for op in core.read_model(path).get_ops() if op.get_type_name() == "FakeQuantize"]
     assert len(quantised_ops) > 10, "the U-Net's convolutions must be quantised"
-    images = image_tensor(demo_test_images(demo_root, limit=8))
-    maps = {}
-    for name, model_path in {"int8": path, "fp32": openvino_model}.items():
-        compiled = core.compile_model(model_path, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-        output = next(port for port in compiled.outputs if "anomaly_map" in port.names)
-        maps[name] = np.concatenate([compiled(images[i : i + 1].numpy())[output] for i in range(images.shape[0])])
+    maps = openvino_anomaly_maps(
+        {"int8": path, "fp32": openvino_model}, image_tensor(demo_test_images(demo_root, limit=8))
+    )
     # The head stays in float: the INT8 map is not flattened and follows the FP32 map.
     assert maps["int8"].std() > 0.1 * maps["fp32"].std()
     assert np.corrcoef(maps["int8"].ravel(), maps["fp32"].ravel())[0, 1] > 0.8

@@ -29,10 +29,14 @@ class FittedModuleMixin:
     """Shared behaviour of the package's ``AnomalibModule`` subclasses.
 
     A subclass sets ``max_steps`` and ``min_image_size`` attributes, implements ``is_fitted()``
-    and describes what fitting produces in ``FITTED_PART`` (e.g. "its Isolation Forest").
+    and describes what fitting produces in ``FITTED_PART`` (e.g. "its Isolation Forest"). A model
+    that cannot be exported with some OpenVINO compression types names them in
+    ``REFUSED_COMPRESSION``, with the reason and the alternative in ``REFUSED_COMPRESSION_REASON``.
     """
 
     FITTED_PART = "its fitted state"
+    REFUSED_COMPRESSION: frozenset[CompressionType] = frozenset()
+    REFUSED_COMPRESSION_REASON = ""
     max_steps: int
     min_image_size: int
 
@@ -117,6 +121,9 @@ class FittedModuleMixin:
     ) -> Path:
         # Checked before anything is written: anomalib would create the export folder first.
         self.require_fitted("export")
+        if compression_type in self.REFUSED_COMPRESSION:
+            msg = f"{self.name} cannot be exported with compression_type={compression_type.name}: "
+            raise ValueError(msg + self.REFUSED_COMPRESSION_REASON)
         if compression_type in {CompressionType.INT8_PTQ, CompressionType.INT8_ACQ} and datamodule is None:
             msg = (
                 f"{compression_type.name} needs a datamodule: {self.name} calibrates on its normal training images "

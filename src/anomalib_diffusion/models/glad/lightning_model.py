@@ -14,13 +14,12 @@ Example:
 
 import logging
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
-from anomalib.data import AnomalibDataModule, Batch
+from anomalib.data import Batch
 from anomalib.deploy import CompressionType
 from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
@@ -58,9 +57,6 @@ RAMP_QUANTILE = 0.99
 # Distance-map values per image and search step kept for the ramp quantile (torch.quantile's
 # input is limited to 16M values).
 RAMP_SAMPLES_PER_IMAGE = 4096
-
-
-UNSUPPORTED_COMPRESSION = frozenset({CompressionType.INT8_PTQ, CompressionType.INT8_ACQ})
 
 
 class GLAD(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
@@ -110,6 +106,14 @@ class GLAD(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
     """
 
     FITTED_PART = "its calibration (tau and the fusion ramp)"
+    # The step search compares feature distances with the calibrated tau inside the graph; NNCF's
+    # activation ranges collapse those distances (measured on a trained model: an all-zero anomaly
+    # map, even with only the U-Net's convolutions and linear layers quantised). Weight-only INT8 works.
+    REFUSED_COMPRESSION = frozenset({CompressionType.INT8_PTQ, CompressionType.INT8_ACQ})
+    REFUSED_COMPRESSION_REASON = (
+        "quantising activations collapses the feature distances its step search and anomaly map are built from "
+        "(the map becomes all zeros). Use compression_type=INT8 (weight-only INT8, NNCF compress_weights) or FP16."
+    )
 
     # Weights depend on the first four, the calibration on all of them.
     FITTED_HPARAMS = (
@@ -316,33 +320,6 @@ class GLAD(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
 
     def is_fitted(self) -> bool:
         return bool(self.model.fitted)
-
-    # -- export ------------------------------------------------------------------------------
-
-    def to_openvino(
-        self,
-        export_root: Path | str,
-        model_file_name: str = "model",
-        input_size: tuple[int, int] | None = None,
-        compression_type: CompressionType | None = None,
-        datamodule: AnomalibDataModule | None = None,
-        **kwargs: Any,  # noqa: ANN401
-    ) -> Path:
-        """OpenVINO IR of the whole adaptive reconstruction; FP16 and INT8 (weight-only) compression supported.
-
-        Activation quantisation (``INT8_PTQ``, ``INT8_ACQ``) is refused before anything is written: the
-        step search compares feature distances with the calibrated tau inside the graph, and NNCF's
-        activation ranges collapse those distances (measured on a trained model: an all-zero anomaly
-        map, even with only the U-Net's convolutions and linear layers quantised).
-        """
-        if compression_type in UNSUPPORTED_COMPRESSION:
-            msg = (
-                f"GLAD cannot be exported with compression_type={compression_type.name}: quantising activations "
-                "collapses the feature distances its step search and anomaly map are built from (the map becomes "
-                "all zeros). Use compression_type=INT8 (weight-only INT8, NNCF compress_weights) or FP16."
-            )
-            raise ValueError(msg)
-        return super().to_openvino(export_root, model_file_name, input_size, compression_type, datamodule, **kwargs)
 
 
 def _check_glad_config(ema_decay: float, calibration_fraction: float, calibration_quantile: float) -> None:
