@@ -5,8 +5,8 @@ the feature passes of the step search and of the scoring); RADAR makes one noise
 patch. This script measures both, in the same process, on the same CPU:
 
 - for each image size (``--sizes``), RADAR with its defaults, and GLAD with each DDIM step
-  spacing in ``--steps`` (``num_inference_steps``; the start and search steps stay 700 and 350,
-  so 10 spacing steps mean 8 U-Net calls in the reconstruction);
+  spacing in ``--steps`` (``num_inference_steps``; the start and search range stay at their defaults,
+  so with the defaults 5 spacing steps mean 4 U-Net calls in the reconstruction and 10 mean 8);
 - latency of one image (batch 1, median of ``--runs`` after ``--warmup`` untimed runs) in
   torch eager and in OpenVINO FP32 (``anomalib``'s ``to_openvino`` export, compiled with
   ``INFERENCE_PRECISION_HINT=f32``), each also as a multiple of RADAR's latency at that size.
@@ -25,6 +25,7 @@ Smoke test (prints only)::
 """
 
 import argparse
+import inspect
 import statistics
 import sys
 import tempfile
@@ -44,6 +45,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from radar_vs_padim import OPENVINO_CONFIG, machine_info, markdown_table, write_atomically  # noqa: E402
 
 REPORT = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "glad_latency.md"
+_GLAD_DEFAULTS = inspect.signature(GLAD.__init__).parameters
+START, MINIMUM = _GLAD_DEFAULTS["start_timestep"].default, _GLAD_DEFAULTS["min_timestep"].default
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -150,8 +153,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             "",
             f"- One image per call (batch 1), median of {runs} runs after {args.warmup} warm-up runs; the whole "
             "exported graph (resize, model, scoring, post-processing).",
-            "- Untrained models with default architectures (latency does not depend on the weights); GLAD starts at "
-            "timestep 700 and searches down to 350, so its reconstruction makes one U-Net call per DDIM step below 700.",
+            "- Untrained models with default architectures (latency does not depend on the weights); GLAD noises to "
+            f"the largest DDIM step not above start_timestep={START} and searches down to min_timestep={MINIMUM} "
+            "(its defaults), with one U-Net call per DDIM step from there.",
             "- Machine: " + ", ".join(f"{key} {value}" for key, value in machine_info().items()),
             "",
         ]

@@ -221,8 +221,8 @@ class TestFeatures:
 class TestGLADModule:
     def test_defaults_build(self) -> None:
         model = GLAD()
-        assert model.model.timesteps == [700, 600, 500, 400, 300, 200, 100, 0]
-        assert model.model.search_timesteps == [600, 500, 400]
+        assert model.model.timesteps == [600, 400, 200, 0]
+        assert model.model.search_timesteps == [400, 200]
         assert not model.is_fitted()
 
     @pytest.mark.parametrize(

@@ -75,7 +75,7 @@ class GLAD(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
         block_out_channels: U-Net channel width per resolution level.
         attention_resolutions: Crop-level feature-map sizes that get self-attention.
         layers_per_block: Residual blocks per U-Net level.
-        num_inference_steps: DDIM step spacing over the 1000-step schedule (10 -> every 100 steps).
+        num_inference_steps: DDIM step spacing over the 1000-step schedule (5 -> every 200 steps).
         start_timestep: Inference noises the image to the largest DDIM step not above this.
         min_timestep: The adaptive search covers DDIM steps down to this one.
         adaptive_steps: ADS + SAFF; ``False`` is plain DDIM reconstruction (the ablation).
@@ -142,9 +142,9 @@ class GLAD(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
         block_out_channels: Sequence[int] = (16, 32, 64, 64),
         attention_resolutions: Sequence[int] = (16,),
         layers_per_block: int = 1,
-        num_inference_steps: int = 10,
+        num_inference_steps: int = 5,
         start_timestep: int = 700,
-        min_timestep: int = 350,
+        min_timestep: int = 200,
         adaptive_steps: bool = True,
         anomaly_aware_training: bool = True,
         anomaly_probability: float = 0.5,

@@ -91,9 +91,9 @@ class GLADModel(nn.Module):
     def __init__(
         self,
         unet: UNetConfig,
-        num_inference_steps: int = 10,
+        num_inference_steps: int = 5,
         start_timestep: int = 700,
-        min_timestep: int = 350,
+        min_timestep: int = 200,
         adaptive: bool = True,
         feature_extractor: FeatureExtractorName = "unet",
         feature_layers: Sequence[int] = (0, 1),
