@@ -14,7 +14,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_MODELS = ("RADAR", "GLAD")
+_MODELS = ("RADAR", "GLAD", "DADDA")
 
 __all__ = ["__version__", *_MODELS]
 

@@ -1,4 +1,4 @@
-"""The unmodified ``anomalib`` console script, run as real subprocesses, with RADAR and GLAD."""
+"""The unmodified ``anomalib`` console script, run as real subprocesses, with RADAR, GLAD and DADDA."""
 
 import csv
 import subprocess
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import TINY_GLAD, TINY_RADAR
+from tests.conftest import TINY_DADDA, TINY_GLAD, TINY_RADAR
 
 BIN = Path(sys.executable).parent
 
@@ -19,7 +19,7 @@ def run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return result
 
 
-TINY = {"RADAR": TINY_RADAR, "GLAD": TINY_GLAD}
+TINY = {"RADAR": TINY_RADAR, "GLAD": TINY_GLAD, "DADDA": TINY_DADDA}
 
 
 def tiny_model_config(name: str = "RADAR") -> dict:
@@ -142,7 +142,7 @@ def test_cli_test_with_other_model_settings_names_them(cli_checkpoint: Path, dem
     assert "size mismatch" not in output
 
 
-@pytest.mark.parametrize("name", ["RADAR", "GLAD"])
+@pytest.mark.parametrize("name", ["RADAR", "GLAD", "DADDA"])
 def test_anomalib_benchmark_runs_a_job(name: str, demo_root: Path, tmp_path: Path) -> None:
     config = {
         "accelerator": "cpu",
@@ -177,5 +177,25 @@ def test_cli_trains_and_exports_glad_by_its_short_name(demo_root: Path, tmp_path
     assert "image_AUROC" in result.stdout + result.stderr
     [checkpoint] = (tmp_path / "results").rglob("model.ckpt")
     export = [str(BIN / "anomalib"), "export", "--model", "GLAD", "--ckpt_path", str(checkpoint)]
+    run([*export, "--export_type", "openvino", "--export_root", "export"], cwd=tmp_path)
+    assert (tmp_path / "export" / "weights" / "openvino" / "model.xml").is_file()
+
+
+def test_cli_trains_dadda_with_lent_defects_from_the_shipped_configs(demo_root: Path, tmp_path: Path) -> None:
+    """configs/dadda.yaml + the tiny settings: MVTecADFewDefects resolves by class path, k comes from the CLI."""
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    model_flags = [
+        flag
+        for key, value in TINY_DADDA.items()
+        for flag in (f"--model.{key}", str(list(value)) if isinstance(value, tuple) else str(value))
+    ]
+    train = [str(BIN / "anomalib"), "train", "--config", str(configs / "dadda.yaml"), *model_flags]
+    train += ["--data.root", str(demo_root), "--data.defects_per_type", "1", "--data.train_batch_size", "4"]
+    result = run([*train, "--trainer.accelerator", "cpu", "--default_root_dir", "results"], cwd=tmp_path)
+    output = result.stdout + result.stderr
+    assert "image_AUROC" in output
+    assert "defect_type_accuracy" in output
+    [checkpoint] = (tmp_path / "results").rglob("model.ckpt")
+    export = [str(BIN / "anomalib"), "export", "--model", "DADDA", "--ckpt_path", str(checkpoint)]
     run([*export, "--export_type", "openvino", "--export_root", "export"], cwd=tmp_path)
     assert (tmp_path / "export" / "weights" / "openvino" / "model.xml").is_file()

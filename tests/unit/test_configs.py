@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from anomalib_diffusion.models import GLAD, RADAR
+from anomalib_diffusion.federated.cli import DEFAULTS, load_config
+from anomalib_diffusion.models import DADDA, GLAD, RADAR
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 NOT_IN_CONFIG = {"self", "pre_processor", "post_processor", "evaluator", "visualizer"}
@@ -16,7 +17,7 @@ def as_config_value(value: object) -> object:
     return list(value) if isinstance(value, tuple) else value
 
 
-@pytest.mark.parametrize(("model", "name"), [(RADAR, "radar.yaml"), (GLAD, "glad.yaml")])
+@pytest.mark.parametrize(("model", "name"), [(RADAR, "radar.yaml"), (GLAD, "glad.yaml"), (DADDA, "dadda.yaml")])
 def test_config_lists_every_argument_with_its_default(model: type, name: str) -> None:
     config = yaml.safe_load((CONFIGS / name).read_text())
     assert config["model"]["class_path"] == f"anomalib_diffusion.models.{model.__name__}"
@@ -31,7 +32,25 @@ def test_config_lists_every_argument_with_its_default(model: type, name: str) ->
         assert init_args[key] == as_config_value(default), key
 
 
-@pytest.mark.parametrize(("model", "name"), [(RADAR, "radar_demo.yaml"), (GLAD, "glad_demo.yaml")])
+@pytest.mark.parametrize(
+    ("model", "name"), [(RADAR, "radar_demo.yaml"), (GLAD, "glad_demo.yaml"), (DADDA, "dadda_demo.yaml")]
+)
 def test_demo_config_overrides_build(model: type, name: str) -> None:
     config = yaml.safe_load((CONFIGS / name).read_text())
     model(**config["model"]["init_args"])
+
+
+def test_federated_config_has_every_section_and_its_model_builds() -> None:
+    config = load_config(CONFIGS / "dadda_federated.yaml")
+    assert set(config) == set(DEFAULTS)
+    assert set(config["federation"]) == set(DEFAULTS["federation"])
+    assert set(config["site"]) == set(DEFAULTS["site"])
+    model = DADDA(**config["model"])
+    assert model.max_steps == config["model"]["generator_steps"] + config["model"]["detector_steps"]
+
+
+def test_federated_config_with_an_unknown_section_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("federation: {rounds: 2}\nsites: {count: 3}\n")
+    with pytest.raises(ValueError, match=r"Unknown sections \['sites'\]"):
+        load_config(path)

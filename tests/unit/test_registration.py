@@ -24,12 +24,17 @@ def test_import_hook_is_installed_by_the_pth_file() -> None:
     assert "_AnomalibModelsFinder" in result.stdout
 
 
-@pytest.mark.parametrize("name", ["RADAR", "GLAD"])
+# The step-budget argument of each model, and the max_steps it then trains for.
+STEP_ARGUMENTS = {"RADAR": ("max_steps", 3), "GLAD": ("max_steps", 3), "DADDA": ("detector_steps", 1003)}
+
+
+@pytest.mark.parametrize("name", list(STEP_ARGUMENTS))
 def test_get_model_and_anomalib_models_alias(name: str) -> None:
+    argument, steps = STEP_ARGUMENTS[name]
     code = (
         "from anomalib.models import get_model, list_models\n"
         "import anomalib.models\n"
-        f"model = get_model('{name.lower()}', max_steps=3)\n"
+        f"model = get_model('{name.lower()}', {argument}=3)\n"
         f"print(type(model).__module__, anomalib.models.{name} is type(model), model.max_steps)\n"
         f"print('{name}' in list_models(case='pascal'))\n"
         f"print(type(get_model({{'class_path': 'anomalib.models.{name}'}})).__name__)\n"
@@ -37,7 +42,7 @@ def test_get_model_and_anomalib_models_alias(name: str) -> None:
     result = run_python(code)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0] == f"anomalib_diffusion.models.{name.lower()}.lightning_model True 3"
+    assert lines[0] == f"anomalib_diffusion.models.{name.lower()}.lightning_model True {steps}"
     assert lines[1] == "True"
     assert lines[2] == name
 
@@ -50,11 +55,13 @@ def test_importing_a_plugin_module_first_still_aliases_lazily() -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["RADAR", "anomalib_diffusion.models.RADAR", "anomalib.models.RADAR", "GLAD", "anomalib.models.GLAD"]
+    "name",
+    ["RADAR", "anomalib_diffusion.models.RADAR", "anomalib.models.RADAR", "GLAD", "anomalib.models.GLAD", "DADDA"],
 )
 def test_anomalib_cli_resolves_the_model(name: str) -> None:
+    argument = STEP_ARGUMENTS[name.rsplit(".", 1)[-1]][0]
     result = subprocess.run(
-        [str(BIN / "anomalib"), "train", "--model", name, "--model.max_steps", "7", "--print_config"],
+        [str(BIN / "anomalib"), "train", "--model", name, f"--model.{argument}", "7", "--print_config"],
         capture_output=True,
         text=True,
         timeout=300,
@@ -62,4 +69,4 @@ def test_anomalib_cli_resolves_the_model(name: str) -> None:
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert name.rsplit(".", 1)[-1] in result.stdout
-    assert "max_steps: 7" in result.stdout
+    assert f"{argument}: 7" in result.stdout

@@ -28,6 +28,8 @@ class UNetConfig:
         in_channels: Channels of the input image.
         out_channels: Channels of the prediction (the noise, for epsilon prediction).
         norm_num_groups: Groups of the GroupNorm layers; must divide every width.
+        num_class_embeds: Size of a learned class-embedding table added to the timestep embedding
+            (``class_labels`` in the forward call), or ``None`` for an unconditional U-Net.
     """
 
     sample_size: int = 64
@@ -37,6 +39,7 @@ class UNetConfig:
     in_channels: int = 3
     out_channels: int = 3
     norm_num_groups: int = 8
+    num_class_embeds: int | None = None
 
     def __post_init__(self) -> None:
         if not self.block_out_channels:
@@ -91,6 +94,7 @@ def build_unet(config: UNetConfig) -> UNet2DModel:
         layers_per_block=config.layers_per_block,
         norm_num_groups=config.norm_num_groups,
         attention_head_dim=min(32, config.block_out_channels[-1]),
+        num_class_embeds=config.num_class_embeds,
     )
     for module in unet.modules():
         if type(module) is Upsample2D:

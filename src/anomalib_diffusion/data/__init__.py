@@ -7,11 +7,20 @@ The names load on first access, so that importing this package stays cheap and
 from importlib import import_module
 from typing import Any
 
-__all__ = ["DEMO_CATEGORIES", "DEMO_DEFECT_TYPES", "make_demo_dataset"]
+_MODULES = {
+    "DEMO_CATEGORIES": "demo",
+    "DEMO_DEFECT_TYPES": "demo",
+    "make_demo_dataset": "demo",
+    "FewDefectsMixin": "few_defects",
+    "MVTecADFewDefects": "few_defects",
+    "split_real_defects": "few_defects",
+}
+
+__all__ = list(_MODULES)
 
 
 def __getattr__(name: str) -> Any:  # noqa: ANN401
-    if name in __all__:
-        return getattr(import_module("anomalib_diffusion.data.demo"), name)
+    if name in _MODULES:
+        return getattr(import_module(f"anomalib_diffusion.data.{_MODULES[name]}"), name)
     msg = f"module 'anomalib_diffusion.data' has no attribute {name!r}"
     raise AttributeError(msg)

@@ -1,16 +1,17 @@
 """The package's anomalib models, aliased into ``anomalib.models`` on import.
 
-``anomalib.models.get_model("radar")`` (or ``"glad"``) and ``anomalib benchmark`` look models up among the
+``anomalib.models.get_model("radar")`` (or ``"glad"``, ``"dadda"``) and ``anomalib benchmark`` look models up among the
 direct subclasses of ``AnomalibModule`` and the attributes of ``anomalib.models``; importing
 this module makes both see the classes below (see :mod:`anomalib_diffusion._import_hook`).
 """
 
 from importlib import import_module
 
+from .dadda import DADDA
 from .glad import GLAD
 from .radar import RADAR
 
-__all__ = ["GLAD", "RADAR"]
+__all__ = ["DADDA", "GLAD", "RADAR"]
 
 # import_module, not `import anomalib.models`: when the import hook runs this, anomalib.models
 # has executed but is not yet bound as an attribute of the anomalib package.

@@ -1,0 +1,235 @@
+"""D-ADDA networks: the mask- and type-conditioned defect generator, the detector, the defect-type head.
+
+Paper: S. Coscia et al., "D-ADDA: distributed anomaly detection with client-side defect generation",
+IEEE Systems Journal, 2025. Only the abstract is public; the networks below are this package's design
+(``METHODS.md``):
+
+- :class:`DefectGenerator`: an inpainting diffusion U-Net with self-attention (diffusers
+  ``UNet2DModel``). Its input is the noisy defective crop concatenated with the normal crop outside
+  the mask and the mask itself; the defect type enters through the U-Net's class embedding (added to
+  the timestep embedding). It learns the DAM's defects and samples new ones with DDIM inside a mask.
+- :class:`DefectDetector`: anomalib's DRAEM segmentation network (``DiscriminativeSubNetwork``) on
+  the image alone, trained on generated and DAM (image, mask) pairs. Softmax of its defect channel
+  is the anomaly map; the mean of the map's top pixels is the image score. It is the only part in
+  the forward pass, so exports contain the detector alone.
+- Defect-type head: a linear classifier (fitted with scikit-learn's logistic regression on generated
+  defects) over the detector's encoder features averaged inside a defect mask.
+"""
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from anomalib.data import InferenceBatch
+from anomalib.models.image.draem.torch_model import DiscriminativeSubNetwork
+from diffusers import DDIMScheduler
+from torch import nn
+from torchvision.ops import masks_to_boxes
+
+from anomalib_diffusion.components import UNetConfig, build_unet, make_ddpm_scheduler
+
+NUM_TRAIN_TIMESTEPS = 1000
+# DRAEM's segmentation network halves its input five times.
+DETECTOR_FACTOR = 32
+
+
+class DefectGenerator(nn.Module):
+    """Synthesises a defect of a given type inside a mask on a normal image (crops in ``[0, 1]``).
+
+    Training is the DDPM noise-prediction loss on the defective crop ``x0``:
+    ``L = E || w * (eps - eps_theta([x_t, (1 - m) * b, m], t, c)) ||^2`` with ``b`` the normal crop,
+    ``m`` the mask, ``c`` the defect type and ``w = 1 + defect_weight * m`` (outside the mask the
+    answer is the given background, so the defect pixels carry the loss).
+
+    Args:
+        unet: Shape of the U-Net; ``in_channels``/``out_channels`` are set here (7 in, 3 out) and
+            ``num_class_embeds`` must be the number of defect types it can be conditioned on.
+        num_inference_steps: DDIM steps when sampling.
+        defect_weight: Extra loss weight inside the mask.
+    """
+
+    def __init__(self, unet: UNetConfig, num_inference_steps: int = 20, defect_weight: float = 4.0) -> None:
+        super().__init__()
+        if not unet.num_class_embeds:
+            msg = "The defect generator's UNetConfig needs num_class_embeds (the number of defect types)."
+            raise ValueError(msg)
+        self.unet_config = unet
+        self.unet = build_unet(unet)
+        self.train_scheduler = make_ddpm_scheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS)
+        self.scheduler = DDIMScheduler.from_config(self.train_scheduler.config, clip_sample=True, set_alpha_to_one=True)
+        self.scheduler.set_timesteps(num_inference_steps)
+        self.defect_weight = defect_weight
+
+    def forward(
+        self,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor | int,
+        background: torch.Tensor,
+        masks: torch.Tensor,
+        defect_types: torch.Tensor,
+    ) -> torch.Tensor:
+        """Noise prediction; ``noisy`` and ``background`` in ``[-1, 1]``, ``masks`` in {0, 1}."""
+        inputs = torch.cat([noisy, background * (1 - masks), masks], dim=1)
+        return self.unet(inputs, timesteps, class_labels=defect_types).sample
+
+    def loss(
+        self,
+        defective: torch.Tensor,
+        background: torch.Tensor,
+        masks: torch.Tensor,
+        defect_types: torch.Tensor,
+    ) -> torch.Tensor:
+        """Weighted noise-prediction loss on ``(B, 3, h, w)`` crops in ``[0, 1]``."""
+        clean = defective * 2 - 1
+        noise = torch.randn_like(clean)
+        timesteps = torch.randint(0, NUM_TRAIN_TIMESTEPS, (clean.shape[0],), device=clean.device)
+        noisy = self.train_scheduler.add_noise(clean, noise, timesteps)
+        predicted = self(noisy, timesteps, background * 2 - 1, masks, defect_types)
+        weight = 1 + self.defect_weight * masks
+        return (weight * (predicted - noise) ** 2).mean() / weight.mean()
+
+    @torch.no_grad()
+    def generate(
+        self,
+        background: torch.Tensor,
+        masks: torch.Tensor,
+        defect_types: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """New defects of ``defect_types`` inside ``masks`` on ``background`` crops (``[0, 1]``; outside kept)."""
+        condition = background * 2 - 1
+        sample = torch.randn(background.shape, generator=generator, dtype=background.dtype).to(background.device)
+        for timestep in self.scheduler.timesteps:
+            predicted = self(sample, int(timestep), condition, masks, defect_types)
+            sample = self.scheduler.step(predicted, timestep, sample, eta=0.0).prev_sample
+        composed = masks * sample + (1 - masks) * condition
+        return ((composed + 1) / 2).clamp(0, 1)
+
+
+class DefectDetector(nn.Module):
+    """anomalib's DRAEM segmentation network on the image alone: ``(B, 3, H, W)`` in ``[0, 1]`` -> 2-class logits.
+
+    Sizes that are not a multiple of 32 are replicate-padded and the logits cropped back.
+
+    Args:
+        base_width: Channel width of the first level (DRAEM uses 64; 16 suits a CPU).
+    """
+
+    def __init__(self, base_width: int = 16) -> None:
+        super().__init__()
+        self.network = DiscriminativeSubNetwork(in_channels=3, out_channels=2, base_width=base_width)
+        self.feature_dim = base_width * (1 + 2 + 4 + 8 + 8 + 8)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        height, width = images.shape[-2:]
+        return self.network(_pad(images * 2 - 1))[..., :height, :width]
+
+    def mask_features(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """``(B, feature_dim)``: every encoder level's activations averaged inside each mask."""
+        activations = self.network.encoder_segment(_pad(images * 2 - 1))
+        padded_masks = _pad(masks, mode="constant")
+        pooled = []
+        for activation in activations:
+            weights = F.interpolate(padded_masks, size=activation.shape[-2:], mode="area")
+            weights = weights / weights.sum(dim=(-2, -1), keepdim=True).clamp_min(1e-6)
+            pooled.append((activation * weights).sum(dim=(-2, -1)))
+        return torch.cat(pooled, dim=1)
+
+
+class DADDAModel(nn.Module):
+    """The D-ADDA networks; the forward pass is the detector (what gets exported).
+
+    Args:
+        generator_unet: Shape of the generator's U-Net (``num_class_embeds`` = ``max_defect_types``).
+        detector_width: Base width of the detector.
+        max_defect_types: Size of the defect-type tables (class embedding, classifier).
+        generation_steps: DDIM steps of the generator.
+        defect_weight: Generator loss weight inside the mask.
+        top_k_fraction: Share of the highest anomaly-map values averaged into the image score.
+    """
+
+    def __init__(
+        self,
+        generator_unet: UNetConfig,
+        detector_width: int = 16,
+        max_defect_types: int = 16,
+        generation_steps: int = 20,
+        defect_weight: float = 4.0,
+        top_k_fraction: float = 0.01,
+    ) -> None:
+        super().__init__()
+        self.generator = DefectGenerator(generator_unet, generation_steps, defect_weight)
+        self.detector = DefectDetector(detector_width)
+        self.max_defect_types = max_defect_types
+        self.top_k_fraction = top_k_fraction
+        # Fitted at the end of training (see DADDA.fit_defect_type_head); buffers so checkpoints
+        # and federated rounds carry them.
+        self.register_buffer("type_weight", torch.zeros(max_defect_types, self.detector.feature_dim))
+        self.register_buffer("type_bias", torch.zeros(max_defect_types))
+        self.register_buffer("type_count", torch.tensor(0))
+        self.register_buffer("fitted", torch.tensor(False))
+        self.type_weight: torch.Tensor
+        self.type_bias: torch.Tensor
+        self.type_count: torch.Tensor
+        self.fitted: torch.Tensor
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor | InferenceBatch:
+        """Training: detector logits ``(B, 2, H, W)``. Eval: ``InferenceBatch(pred_score, anomaly_map)``."""
+        logits = self.detector(images)
+        if self.training:
+            return logits
+        anomaly_map = logits.softmax(dim=1)[:, 1:]
+        return InferenceBatch(pred_score=self.top_k_mean(anomaly_map), anomaly_map=anomaly_map)
+
+    def top_k_mean(self, maps: torch.Tensor) -> torch.Tensor:
+        flat = maps.flatten(1)
+        count = max(1, int(self.top_k_fraction * flat.shape[1]))
+        return flat.topk(count, dim=1).values.mean(dim=1)
+
+    @torch.no_grad()
+    def classify_defects(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` defect-type index of the defect inside each mask (the fitted head's argmax)."""
+        features = self.detector.mask_features(images, masks)
+        logits = features @ self.type_weight.T + self.type_bias
+        known = torch.arange(self.max_defect_types, device=logits.device) < self.type_count
+        return logits.masked_fill(~known, -torch.inf).argmax(dim=1)
+
+
+def defect_crop_boxes(masks: torch.Tensor, size: int) -> torch.Tensor:
+    """``(B, 2)`` top-left corners of ``size x size`` crops centred on each mask's bounding box (clamped inside)."""
+    height, width = masks.shape[-2:]
+    boxes = torch.zeros(masks.shape[0], 4, device=masks.device)
+    present = masks.flatten(1).any(dim=1)
+    if present.any():
+        boxes[present] = masks_to_boxes(masks[present, 0] > 0.5)  # noqa: PLR2004
+    centre_y = torch.where(present, (boxes[:, 1] + boxes[:, 3]) / 2, torch.full_like(boxes[:, 1], height / 2))
+    centre_x = torch.where(present, (boxes[:, 0] + boxes[:, 2]) / 2, torch.full_like(boxes[:, 0], width / 2))
+    top = (centre_y - size / 2).round().clamp(0, height - size).long()
+    left = (centre_x - size / 2).round().clamp(0, width - size).long()
+    return torch.stack([top, left], dim=1)
+
+
+def crop_at(images: torch.Tensor, corners: torch.Tensor, size: int) -> torch.Tensor:
+    """``(B, C, size, size)`` crops of ``images`` at ``corners``."""
+    return torch.stack(
+        [
+            image[:, top : top + size, left : left + size]
+            for image, (top, left) in zip(images, corners.tolist(), strict=True)
+        ]
+    )
+
+
+def paste_at(images: torch.Tensor, crops: torch.Tensor, corners: torch.Tensor) -> torch.Tensor:
+    """``images`` with ``crops`` written back at ``corners``."""
+    output = images.clone()
+    size = crops.shape[-1]
+    for index, (top, left) in enumerate(corners.tolist()):
+        output[index, :, top : top + size, left : left + size] = crops[index]
+    return output
+
+
+def _pad(images: torch.Tensor, mode: str = "replicate") -> torch.Tensor:
+    """Pad to a multiple of the detector's down-sampling factor (outputs are cropped back)."""
+    height, width = images.shape[-2:]
+    pad_h, pad_w = (-height) % DETECTOR_FACTOR, (-width) % DETECTOR_FACTOR
+    if pad_h == 0 and pad_w == 0:
+        return images
+    return F.pad(images, (0, pad_w, 0, pad_h), mode=mode)

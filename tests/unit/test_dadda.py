@@ -1,0 +1,200 @@
+"""Unit tests of D-ADDA's networks, its configuration checks and the few-defects datamodule."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from anomalib.data import InferenceBatch
+
+from anomalib_diffusion.components import UNetConfig
+from anomalib_diffusion.data import MVTecADFewDefects
+from anomalib_diffusion.data.few_defects import defect_type_of, split_real_defects
+from anomalib_diffusion.models import DADDA
+from anomalib_diffusion.models.dadda.torch_model import (
+    DADDAModel,
+    DefectDetector,
+    DefectGenerator,
+    crop_at,
+    defect_crop_boxes,
+    paste_at,
+)
+
+UNET = UNetConfig(
+    sample_size=32, block_out_channels=(8, 16), attention_resolutions=(16,), in_channels=7, num_class_embeds=4
+)
+
+
+def tiny_generator(steps: int = 3) -> DefectGenerator:
+    torch.manual_seed(0)
+    return DefectGenerator(UNET, num_inference_steps=steps)
+
+
+class TestDefectGenerator:
+    def test_loss_is_finite_and_reaches_every_weight(self) -> None:
+        generator = tiny_generator()
+        masks = torch.zeros(2, 1, 32, 32)
+        masks[:, :, 8:20, 8:20] = 1
+        loss = generator.loss(torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32), masks, torch.tensor([0, 3]))
+        loss.backward()
+        assert torch.isfinite(loss)
+        assert generator.unet.class_embedding.weight.grad is not None
+        assert generator.unet.conv_in.weight.grad.abs().sum() > 0
+
+    def test_generation_keeps_the_background_outside_the_mask(self) -> None:
+        generator = tiny_generator().eval()
+        background = torch.rand(2, 3, 32, 32)
+        masks = torch.zeros(2, 1, 32, 32)
+        masks[:, :, 10:20, 5:25] = 1
+        output = generator.generate(background, masks, torch.tensor([1, 2]), torch.Generator().manual_seed(0))
+        assert output.shape == (2, 3, 32, 32)
+        outside = masks.expand_as(output) == 0
+        torch.testing.assert_close(output[outside], background[outside], atol=1e-6, rtol=0)
+        assert 0 <= output.min() and output.max() <= 1
+
+    def test_generation_is_repeatable_with_a_seeded_generator(self) -> None:
+        generator = tiny_generator().eval()
+        background, masks = torch.rand(1, 3, 32, 32), torch.ones(1, 1, 32, 32)
+        first = generator.generate(background, masks, torch.tensor([0]), torch.Generator().manual_seed(5))
+        second = generator.generate(background, masks, torch.tensor([0]), torch.Generator().manual_seed(5))
+        assert torch.equal(first, second)
+
+    def test_the_type_changes_the_prediction(self) -> None:
+        generator = tiny_generator()
+        torch.nn.init.normal_(generator.unet.class_embedding.weight)
+        noisy, background, masks = torch.randn(1, 3, 32, 32), torch.rand(1, 3, 32, 32), torch.ones(1, 1, 32, 32)
+        with torch.no_grad():
+            first = generator(noisy, 500, background, masks, torch.tensor([0]))
+            second = generator(noisy, 500, background, masks, torch.tensor([1]))
+        assert not torch.allclose(first, second)
+
+    def test_an_unconditioned_unet_is_refused(self) -> None:
+        with pytest.raises(ValueError, match="num_class_embeds"):
+            DefectGenerator(UNetConfig(sample_size=32, block_out_channels=(8, 16), in_channels=7))
+
+
+class TestDetector:
+    @pytest.mark.parametrize("size", [(64, 64), (50, 70)])
+    def test_logits_have_the_image_size(self, size: tuple[int, int]) -> None:
+        detector = DefectDetector(base_width=8).eval()
+        assert detector(torch.rand(2, 3, *size)).shape == (2, 2, *size)
+
+    def test_mask_features_depend_on_the_mask(self) -> None:
+        torch.manual_seed(0)
+        detector = DefectDetector(base_width=8).eval()
+        images = torch.rand(1, 3, 64, 64)
+        left, right = torch.zeros(1, 1, 64, 64), torch.zeros(1, 1, 64, 64)
+        left[..., :, :20] = 1
+        right[..., :, 44:] = 1
+        with torch.no_grad():
+            a, b = detector.mask_features(images, left), detector.mask_features(images, right)
+        assert a.shape == (1, detector.feature_dim)
+        assert not torch.allclose(a, b)
+
+    def test_eval_forward_is_an_inference_batch(self) -> None:
+        model = DADDAModel(UNET, detector_width=8, max_defect_types=4).eval()
+        with torch.no_grad():
+            output = model(torch.rand(3, 3, 64, 64))
+        assert isinstance(output, InferenceBatch)
+        assert output.anomaly_map.shape == (3, 1, 64, 64)
+        assert output.pred_score.shape == (3,)
+        assert ((output.anomaly_map >= 0) & (output.anomaly_map <= 1)).all()
+
+    def test_the_type_head_only_predicts_known_types(self) -> None:
+        model = DADDAModel(UNET, detector_width=8, max_defect_types=4).eval()
+        model.type_count.fill_(2)
+        model.type_bias.copy_(torch.tensor([0.0, 1.0, 50.0, 50.0]))
+        predicted = model.classify_defects(torch.rand(2, 3, 64, 64), torch.ones(2, 1, 64, 64))
+        assert predicted.tolist() == [1, 1]
+
+
+class TestCrops:
+    def test_crop_boxes_centre_on_the_mask_and_stay_inside(self) -> None:
+        masks = torch.zeros(3, 1, 64, 64)
+        masks[0, 0, 30:34, 30:34] = 1
+        masks[1, 0, 0:3, 60:64] = 1
+        corners = defect_crop_boxes(masks, 16)
+        assert corners[0].tolist() == [24, 24]
+        assert corners[1].tolist() == [0, 48]
+        assert corners[2].tolist() == [24, 24], "an empty mask crops the centre"
+        images = torch.rand(3, 3, 64, 64)
+        crops = crop_at(images, corners, 16)
+        assert crops.shape == (3, 3, 16, 16)
+        assert torch.equal(paste_at(images, crops, corners), images)
+
+
+class TestDADDAConfig:
+    @pytest.mark.parametrize(
+        ("settings", "named"),
+        [
+            ({"detector_steps": 0}, "detector_steps=0"),
+            ({"generator_steps": 0}, "generated_fraction must be 0"),
+            ({"defect_probability": 0.0}, "defect_probability=0.0"),
+            ({"generated_fraction": 1.5}, "generated_fraction=1.5"),
+            ({"defect_types": ["hole", "hole"]}, "lists a type twice"),
+            ({"defect_types": ["a", "b", "c"], "max_defect_types": 2}, "more than max_defect_types=2"),
+            ({"image_size": 32, "patch_size": 64}, "smaller than patch_size"),
+        ],
+    )
+    def test_bad_settings_are_named(self, settings: dict, named: str) -> None:
+        with pytest.raises(ValueError, match=named):
+            DADDA(**settings)
+
+    def test_defaults_build_and_export_only_the_detector(self) -> None:
+        model = DADDA()
+        assert model.max_steps == 2000
+        assert not model.is_fitted()
+        assert model.model.generator.unet.config.num_class_embeds == 16
+
+    def test_unfitted_model_refuses_to_export(self, tmp_path: Path) -> None:
+        with pytest.raises(RuntimeError, match="DADDA cannot export before it is fitted"):
+            DADDA().to_onnx(tmp_path / "out")
+        assert not (tmp_path / "out").exists()
+
+
+class TestFewDefectsDatamodule:
+    def test_k_defects_per_type_move_out_of_the_test_split(self, demo_root: Path) -> None:
+        data = MVTecADFewDefects(root=demo_root, category="brick", defects_per_type=1, num_workers=0, seed=0)
+        data.setup()
+        lent = list(data.defect_data.samples.image_path)
+        assert sorted(defect_type_of(path) for path in lent) == ["contamination", "hole", "scratch", "stain"]
+        tested = set(data.test_data.samples.image_path) | set(data.val_data.samples.image_path)
+        assert not tested & set(lent), "no lent defect is scored"
+        assert len(data.test_data) == 4 + 4 * 1
+        assert (data.defect_data.samples.label_index == 1).all()
+
+    def test_zero_is_one_class(self, demo_root: Path) -> None:
+        data = MVTecADFewDefects(root=demo_root, category="brick", defects_per_type=0, num_workers=0)
+        data.setup()
+        assert len(data.defect_data) == 0
+        assert len(data.test_data) == 4 + 4 * 2
+
+    def test_the_draw_is_seeded(self, demo_root: Path) -> None:
+        draws = []
+        for _ in range(2):
+            data = MVTecADFewDefects(root=demo_root, category="brick", defects_per_type=1, defect_seed=3, num_workers=0)
+            data.setup()
+            draws.append(sorted(data.defect_data.samples.image_path))
+        assert draws[0] == draws[1]
+
+    def test_taking_every_defect_of_a_type_is_refused(self, demo_root: Path) -> None:
+        data = MVTecADFewDefects(root=demo_root, category="brick", defects_per_type=2, num_workers=0)
+        with pytest.raises(ValueError, match="would leave none to test on; lower defects_per_type below 2"):
+            data.setup()
+
+    def test_defective_images_without_masks_are_refused(self, demo_root: Path) -> None:
+        data = MVTecADFewDefects(root=demo_root, category="brick", defects_per_type=0, num_workers=0)
+        data.setup()
+        samples = data.test_data.samples.copy()
+        samples.loc[samples.label_index == 1, "mask_path"] = ""
+        data.test_data.samples = samples
+        with pytest.raises(ValueError, match="have no ground-truth mask; D-ADDA cuts defects out along their masks"):
+            split_real_defects(data.test_data, defects_per_type=1)
+
+    def test_a_test_split_without_defects_is_refused_unless_one_class(self, demo_root: Path) -> None:
+        data = MVTecADFewDefects(root=demo_root, category="brick", defects_per_type=0, num_workers=0)
+        data.setup()
+        samples = data.test_data.samples.reset_index(drop=True)
+        normal_only = data.test_data.subsample(list(samples.index[samples.label_index == 0]))
+        assert len(split_real_defects(normal_only, defects_per_type=0)[0]) == 0
+        with pytest.raises(ValueError, match="needs defective images in the test split, but it has none"):
+            split_real_defects(normal_only, defects_per_type=1)
