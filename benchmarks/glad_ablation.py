@@ -42,7 +42,7 @@ from anomalib_diffusion.data import DEMO_CATEGORIES, make_demo_dataset
 from anomalib_diffusion.models import GLAD
 
 sys.path.insert(0, str(Path(__file__).parent))
-from radar_vs_padim import machine_info, markdown_table, write_atomically  # noqa: E402
+from radar_vs_padim import machine_info, markdown_table, save_figure_atomically, write_atomically  # noqa: E402
 
 REPORT = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "glad_ablation.md"
 FIGURE = Path(__file__).resolve().parents[1] / "docs" / "figures" / "glad_demo.png"
@@ -166,12 +166,7 @@ def draw_figure(model: GLAD, category_root: Path, path: Path) -> None:
         axis.set_xticks([])
         axis.set_yticks([])
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(temporary, dpi=80)
-    plt.close(figure)
-    temporary.replace(path)
-    print(f"Figure written to {path}")
+    save_figure_atomically(figure, path)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -51,6 +51,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import openvino as ov
@@ -70,6 +71,9 @@ from tqdm import tqdm
 from anomalib_diffusion.components.features import LITE0_WHEEL, load_efficientnet_lite0_weights
 from anomalib_diffusion.data import DEMO_CATEGORIES, DEMO_DEFECT_TYPES, make_demo_dataset
 from anomalib_diffusion.models import RADAR
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = REPO_ROOT / "docs" / "benchmarks" / "radar.md"
@@ -692,6 +696,21 @@ def write_atomically(path: Path, text: str) -> None:
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+def save_figure_atomically(figure: "Figure", path: Path, dpi: int = 80) -> None:
+    """Write a matplotlib figure as PNG via a temporary file in the same folder, then close it."""
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
+    try:
+        figure.savefig(temporary, dpi=dpi)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+        plt.close(figure)
+    print(f"Figure written to {path}")
 
 
 def run_benchmark(

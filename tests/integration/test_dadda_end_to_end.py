@@ -9,9 +9,8 @@ from anomalib.deploy import ExportType
 
 from anomalib_diffusion.models import DADDA
 from tests.conftest import TINY_DADDA, TrainedModel, few_defects_datamodule, tiny_datamodule, train_tiny
-from tests.integration.test_radar_end_to_end import demo_test_images, image_tensor
+from tests.integration.test_radar_end_to_end import assert_openvino_matches_torch, demo_test_images, image_tensor
 
-F32 = {"INFERENCE_PRECISION_HINT": "f32"}
 DEMO_TYPES = ["contamination", "hole", "scratch", "stain"]
 
 
@@ -80,17 +79,7 @@ def dadda_openvino(trained_dadda: TrainedModel, tmp_path_factory: pytest.TempPat
 def test_openvino_matches_torch_on_real_images(
     trained_dadda: TrainedModel, demo_root: Path, dadda_openvino: Path
 ) -> None:
-    import openvino as ov
-
-    images = image_tensor(demo_test_images(demo_root))
-    compiled = ov.Core().compile_model(dadda_openvino, "CPU", F32)
-    with torch.no_grad():
-        expected = trained_dadda.model(images)
-    for index in range(images.shape[0]):
-        outputs = compiled(images[index : index + 1].numpy())
-        result = {name: outputs[output] for output in compiled.outputs for name in output.names}
-        np.testing.assert_allclose(result["pred_score"], expected.pred_score[index : index + 1].numpy(), atol=1e-4)
-        np.testing.assert_allclose(result["anomaly_map"], expected.anomaly_map[index : index + 1].numpy(), atol=1e-4)
+    assert_openvino_matches_torch(trained_dadda.model, dadda_openvino, image_tensor(demo_test_images(demo_root)))
 
 
 def test_the_export_holds_the_detector_only(trained_dadda: TrainedModel, dadda_openvino: Path) -> None:
@@ -108,15 +97,7 @@ def test_the_export_holds_the_detector_only(trained_dadda: TrainedModel, dadda_o
 
 
 def test_onnx_export_matches_torch(trained_dadda: TrainedModel, demo_root: Path, tmp_path: Path) -> None:
-    import openvino as ov
-
     onnx_path = trained_dadda.engine.export(
         model=trained_dadda.model, export_type=ExportType.ONNX, export_root=tmp_path
     )
-    compiled = ov.Core().compile_model(onnx_path, "CPU", F32)
-    image = image_tensor(demo_test_images(demo_root)[:1])
-    with torch.no_grad():
-        expected = trained_dadda.model(image)
-    outputs = compiled(image.numpy())
-    maps = next(outputs[output] for output in compiled.outputs if "anomaly_map" in output.names)
-    np.testing.assert_allclose(maps, expected.anomaly_map.numpy(), atol=1e-4)
+    assert_openvino_matches_torch(trained_dadda.model, onnx_path, image_tensor(demo_test_images(demo_root)[:1]))

@@ -10,7 +10,12 @@ from anomalib.deploy import CompressionType, ExportType, OpenVINOInferencer
 
 from anomalib_diffusion.models import GLAD
 from tests.conftest import TINY_GLAD, TrainedModel, tiny_datamodule
-from tests.integration.test_radar_end_to_end import demo_test_images, image_tensor, openvino_anomaly_maps
+from tests.integration.test_radar_end_to_end import (
+    assert_openvino_matches_torch,
+    demo_test_images,
+    image_tensor,
+    openvino_anomaly_maps,
+)
 
 F32 = {"INFERENCE_PRECISION_HINT": "f32"}
 
@@ -75,17 +80,7 @@ def glad_openvino(trained_glad: TrainedModel, tmp_path_factory: pytest.TempPathF
 def test_openvino_matches_torch_on_real_images(
     trained_glad: TrainedModel, demo_root: Path, glad_openvino: Path
 ) -> None:
-    import openvino as ov
-
-    images = image_tensor(demo_test_images(demo_root))
-    compiled = ov.Core().compile_model(glad_openvino, "CPU", F32)
-    with torch.no_grad():
-        expected = trained_glad.model(images)
-    for index in range(images.shape[0]):
-        outputs = compiled(images[index : index + 1].numpy())
-        result = {name: outputs[output] for output in compiled.outputs for name in output.names}
-        np.testing.assert_allclose(result["pred_score"], expected.pred_score[index : index + 1].numpy(), atol=1e-4)
-        np.testing.assert_allclose(result["anomaly_map"], expected.anomaly_map[index : index + 1].numpy(), atol=1e-4)
+    assert_openvino_matches_torch(trained_glad.model, glad_openvino, image_tensor(demo_test_images(demo_root)))
 
 
 def test_per_sample_step_decisions_survive_export(trained_glad: TrainedModel, demo_root: Path, tmp_path: Path) -> None:
@@ -119,16 +114,8 @@ def test_openvino_inferencer_predicts_on_an_image_file(
 
 
 def test_onnx_export_matches_torch(trained_glad: TrainedModel, demo_root: Path, tmp_path: Path) -> None:
-    import openvino as ov
-
     onnx_path = trained_glad.engine.export(model=trained_glad.model, export_type=ExportType.ONNX, export_root=tmp_path)
-    compiled = ov.Core().compile_model(onnx_path, "CPU", F32)
-    image = image_tensor(demo_test_images(demo_root)[:1])
-    with torch.no_grad():
-        expected = trained_glad.model(image)
-    outputs = compiled(image.numpy())
-    maps = next(outputs[output] for output in compiled.outputs if "anomaly_map" in output.names)
-    np.testing.assert_allclose(maps, expected.anomaly_map.numpy(), atol=1e-4)
+    assert_openvino_matches_torch(trained_glad.model, onnx_path, image_tensor(demo_test_images(demo_root)[:1]))
 
 
 def test_int8_weight_compression_keeps_the_map(

@@ -21,6 +21,20 @@ def image_tensor(paths: list[Path]) -> torch.Tensor:
     return torch.stack([read_image(path, as_tensor=True) for path in paths])
 
 
+def assert_openvino_matches_torch(model: torch.nn.Module, exported: Path, images: torch.Tensor) -> None:
+    """An exported model (OpenVINO IR or ONNX, compiled FP32) gives torch's pred_score and anomaly_map to 1e-4, per image."""
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(exported, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    with torch.no_grad():
+        expected = model(images)
+    for index in range(images.shape[0]):
+        outputs = compiled(images[index : index + 1].numpy())
+        result = {name: outputs[output] for output in compiled.outputs for name in output.names}
+        for key in ("pred_score", "anomaly_map"):
+            np.testing.assert_allclose(result[key], getattr(expected, key)[index : index + 1].numpy(), atol=1e-4)
+
+
 def openvino_anomaly_maps(model_paths: dict[str, Path], images: torch.Tensor) -> dict[str, np.ndarray]:
     """Each exported model's ``anomaly_map`` of every image (one per call, FP32), keyed as ``model_paths``."""
     import openvino as ov

@@ -208,3 +208,10 @@ def load_efficientnet_lite0_weights(features: nn.Module) -> tuple[int, list[str]
         raise RuntimeError(msg)
     features.load_state_dict({key: value for key, value in mapped.items() if key in expected})
     return len(expected), unused + extra
+
+
+def top_k_mean(maps: torch.Tensor, fraction: float) -> torch.Tensor:
+    """``(B,)`` mean of the highest ``fraction`` of each map's values (at least one value): a robust image score."""
+    flat = maps.flatten(1)
+    count = max(1, int(fraction * flat.shape[1]))
+    return flat.topk(count, dim=1).values.mean(dim=1)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from tqdm.auto import tqdm
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "federation": {"rounds": 3, "min_sites": None, "join_timeout": 600.0, "round_timeout": None, "seed": 0},
@@ -159,7 +160,7 @@ def simulate(args: argparse.Namespace, config: dict[str, dict[str, Any]]) -> int
         command = [*base, "site", "--address", address, "--root", str(site.root), "--category", args.category]
         command += ["--config", str(config_path), "--work-dir", str(work / "runs" / site.name)]
         processes[site.name] = _start(command, logs / f"{site.name}.log")
-    failed = _wait_all(processes)
+    failed = _wait_all(processes, logs / "server.log", int(rounds))
     if failed:
         print(f"Federation failed: {', '.join(failed)} exited with an error; see {logs}/<name>.log.", file=sys.stderr)
         return 1
@@ -167,16 +168,21 @@ def simulate(args: argparse.Namespace, config: dict[str, dict[str, Any]]) -> int
     return 0
 
 
-def _wait_all(processes: dict[str, subprocess.Popen]) -> list[str]:
-    """Wait for every process; if one fails, stop the others (a federation cannot finish without them)."""
-    while any(process.poll() is None for process in processes.values()):
-        failed = [name for name, process in processes.items() if process.poll() not in (None, 0)]
-        if failed:
-            for process in processes.values():
-                if process.poll() is None:
-                    process.kill()
-            break
-        time.sleep(0.5)
+def _wait_all(processes: dict[str, subprocess.Popen], server_log: Path, rounds: int) -> list[str]:
+    """Wait for every process (a progress bar follows the server's rounds); if one fails, stop the others."""
+    with tqdm(total=rounds, desc="Federated rounds", unit="round") as progress:
+        while any(process.poll() is None for process in processes.values()):
+            started = server_log.read_text(errors="replace").count("[ROUND ") if server_log.is_file() else 0
+            progress.update(max(0, min(started - 1, rounds) - progress.n))
+            failed = [name for name, process in processes.items() if process.poll() not in (None, 0)]
+            if failed:
+                for process in processes.values():
+                    if process.poll() is None:
+                        process.kill()
+                break
+            time.sleep(0.5)
+        if all(process.poll() == 0 for process in processes.values()):
+            progress.update(rounds - progress.n)
     for process in processes.values():
         process.wait()
     return [name for name, process in processes.items() if process.returncode != 0 and process.returncode != -9]

@@ -25,6 +25,7 @@ from torch import nn
 from torchvision.ops import masks_to_boxes
 
 from anomalib_diffusion.components import UNetConfig, build_unet, make_ddpm_scheduler
+from anomalib_diffusion.components.features import top_k_mean
 
 NUM_TRAIN_TIMESTEPS = 1000
 # DRAEM's segmentation network halves its input five times.
@@ -180,9 +181,8 @@ class DADDAModel(nn.Module):
         return InferenceBatch(pred_score=self.top_k_mean(anomaly_map), anomaly_map=anomaly_map)
 
     def top_k_mean(self, maps: torch.Tensor) -> torch.Tensor:
-        flat = maps.flatten(1)
-        count = max(1, int(self.top_k_fraction * flat.shape[1]))
-        return flat.topk(count, dim=1).values.mean(dim=1)
+        """``(B,)`` mean of the highest ``top_k_fraction`` of each map's values."""
+        return top_k_mean(maps, self.top_k_fraction)
 
     @torch.no_grad()
     def classify_defects(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:

@@ -44,6 +44,7 @@ from anomalib_diffusion.components.features import (
     UNetEncoderFeatures,
     neighbourhood_cosine_distance,
     pixel_gradient_distance,
+    top_k_mean,
 )
 
 FeatureExtractorName = Literal["unet", "efficientnet_lite0"]
@@ -265,9 +266,7 @@ class GLADModel(nn.Module):
 
     def top_k_mean(self, maps: torch.Tensor) -> torch.Tensor:
         """``(B,)`` mean of the highest ``top_k_fraction`` of each map's values."""
-        flat = maps.flatten(1)
-        count = max(1, int(self.top_k_fraction * flat.shape[1]))
-        return flat.topk(count, dim=1).values.mean(dim=1)
+        return top_k_mean(maps, self.top_k_fraction)
 
 
 def _check_inference_config(
