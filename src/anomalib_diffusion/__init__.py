@@ -15,6 +15,8 @@ from typing import Any
 __version__ = "0.1.0"
 
 _MODELS = ("RADAR", "GLAD", "DADDA")
+# anomalib's own PaDiM, PatchCore and DRAEM set up to run offline (anomalib_diffusion.models.peers).
+_PEERS = ("PadimLite0", "PatchcoreLite0", "DraemOffline")
 
 __all__ = ["__version__", *_MODELS]
 

