@@ -20,7 +20,7 @@ TINY = {
 }
 
 
-class SimulatedCrash(RuntimeError):
+class SimulatedCrashError(RuntimeError):
     pass
 
 
@@ -33,7 +33,7 @@ class CrashAtStep(pl.Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, *args: object) -> None:
         del args
         if trainer.global_step >= self.step:
-            raise SimulatedCrash(f"simulated crash at step {trainer.global_step}")
+            raise SimulatedCrashError(f"simulated crash at step {trainer.global_step}")
 
 
 def build(name: str) -> RADAR | GLAD | DADDA:
@@ -73,7 +73,7 @@ def test_interrupted_training_resumes_to_the_same_model(name: str, demo_root: Pa
     assert not list((tmp_path / "uninterrupted").rglob(RESUME_FILE_NAME)), "a completed run keeps no resume file"
 
     crash_step = steps // 2 + 1  # mid-epoch: the last epoch-end checkpoint is one step earlier
-    with pytest.raises(SimulatedCrash):
+    with pytest.raises(SimulatedCrashError):
         fit(name, demo_root, tmp_path / "crashed", callbacks=[CrashAtStep(crash_step)])
     resume_files = list((tmp_path / "crashed").rglob(RESUME_FILE_NAME))
     assert len(resume_files) == 1
