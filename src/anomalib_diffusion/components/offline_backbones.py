@@ -18,11 +18,11 @@ and the same in YAML (``configs/benchmark.yaml``). :mod:`anomalib_diffusion.mode
 import dataclasses
 import logging
 import os
-import tempfile
 from importlib.util import find_spec
 from pathlib import Path
 
 from anomalib_diffusion.components.features import LITE0_WHEEL, load_efficientnet_lite0_weights
+from anomalib_diffusion.components.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -56,14 +56,8 @@ def converted_lite0_weights(directory: Path | None = None) -> Path:
         return path
     model = timm.create_model(LITE0_ARCHITECTURE, pretrained=False)
     load_efficientnet_lite0_weights(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".pth.part")
-    os.close(handle)
-    try:
+    with atomic_write(path) as temporary:
         torch.save(model.state_dict(), temporary)
-        Path(temporary).replace(path)
-    finally:
-        Path(temporary).unlink(missing_ok=True)
     logger.info("Converted the %s ImageNet weights for timm to %s.", LITE0_WHEEL, path)
     return path
 

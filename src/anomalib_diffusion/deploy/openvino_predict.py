@@ -11,8 +11,6 @@ Example:
 
 import argparse
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,6 +19,8 @@ from anomalib.deploy import OpenVINOInferencer
 from anomalib.visualization.image.item_visualizer import visualize_image_item
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
+
+from anomalib_diffusion.components.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -57,14 +57,8 @@ def overlay(prediction: NumpyImageBatch) -> Image.Image:
 
 def save_atomically(image: Image.Image, path: Path) -> None:
     """Write ``path`` whole or not at all (a crash never leaves a truncated PNG)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".png.part")
-    os.close(handle)
-    try:
+    with atomic_write(path) as temporary:
         image.save(temporary, format="PNG")
-        Path(temporary).replace(path)
-    finally:
-        Path(temporary).unlink(missing_ok=True)
 
 
 def predict(model: Path, source: Path, output: Path, device: str = "CPU") -> list[tuple[Path, float, bool]]:

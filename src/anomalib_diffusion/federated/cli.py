@@ -170,7 +170,8 @@ def simulate(args: argparse.Namespace, config: dict[str, dict[str, Any]]) -> int
 
 def _wait_all(processes: dict[str, subprocess.Popen], server_log: Path, rounds: int) -> list[str]:
     """Wait for every process (a progress bar follows the server's rounds); if one fails, stop the others."""
-    with tqdm(total=rounds, desc="Federated rounds", unit="round") as progress:
+    # disable=None: no bar when stderr is not a terminal (a log file would get a line per poll).
+    with tqdm(total=rounds, desc="Federated rounds", unit="round", disable=None) as progress:
         while any(process.poll() is None for process in processes.values()):
             started = server_log.read_text(errors="replace").count("[ROUND ") if server_log.is_file() else 0
             progress.update(max(0, min(started - 1, rounds) - progress.n))

@@ -36,6 +36,7 @@ from flwr.common import Metrics, Scalar, ndarrays_to_parameters, parameters_to_n
 from flwr.server.strategy import FedAvg  # noqa: E402
 from lightning import seed_everything  # noqa: E402
 
+from anomalib_diffusion.components.files import atomic_write  # noqa: E402
 from anomalib_diffusion.data import MVTecADFewDefects  # noqa: E402
 from anomalib_diffusion.models import DADDA  # noqa: E402
 
@@ -237,10 +238,8 @@ def save_global_checkpoint(model: DADDA, arrays: list[np.ndarray], path: Path | 
     }
     model.on_save_checkpoint(checkpoint)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    torch.save(checkpoint, temporary)
-    temporary.replace(path)
+    with atomic_write(path) as temporary:
+        torch.save(checkpoint, temporary)
     return path
 
 
