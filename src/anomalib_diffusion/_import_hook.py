@@ -8,7 +8,8 @@ a wrapper script cannot help. Instead, the ``anomalib_diffusion.pth`` file insta
 the package calls :func:`install` at interpreter start-up; it puts a one-shot finder on
 ``sys.meta_path`` that wraps the loader of ``anomalib.models`` so that, right after that
 module has executed, :mod:`anomalib_diffusion.models` is imported and aliases its classes
-into ``anomalib.models``.
+into ``anomalib.models``. The same finder wraps ``anomalib.pipelines.benchmark.job`` so that
+:mod:`anomalib_diffusion.compat` can fix how ``anomalib benchmark`` gathers results of mixed models.
 
 This module must stay import-cheap: it runs in every Python process of the environment
 (``python -c pass`` must not import torch).
@@ -25,12 +26,13 @@ from anomalib_diffusion import _MODELS, _PEERS  # the package __init__ is import
 logger = logging.getLogger(__name__)
 
 TARGET_MODULE = "anomalib.models"
+BENCHMARK_JOB_MODULE = "anomalib.pipelines.benchmark.job"  # == compat.BENCHMARK_JOB_MODULE (kept import-cheap)
 PLUGIN_MODULE = "anomalib_diffusion.models"
 PLUGIN_CLASSES = (*_MODELS, *_PEERS)
 
 
 class _RegisteringLoader(importlib.abc.Loader):
-    """Delegate loading to anomalib's own loader, then register the plugin's models."""
+    """Delegate loading to anomalib's own loader, then run the plugin's after-import step."""
 
     def __init__(self, loader: importlib.abc.Loader) -> None:
         self._loader = loader
@@ -40,7 +42,7 @@ class _RegisteringLoader(importlib.abc.Loader):
 
     def exec_module(self, module: ModuleType) -> None:
         self._loader.exec_module(module)
-        register_models()
+        _after_import(module)
 
     def __getattr__(self, name: str) -> object:
         # importlib.resources, pkgutil and friends ask the loader for more than exec_module.
@@ -56,7 +58,7 @@ class _AnomalibModelsFinder(importlib.abc.MetaPathFinder):
         path: list[str] | None,
         target: ModuleType | None = None,
     ) -> importlib.machinery.ModuleSpec | None:
-        if fullname != TARGET_MODULE:
+        if fullname not in (TARGET_MODULE, BENCHMARK_JOB_MODULE):
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
@@ -104,10 +106,30 @@ def register_models() -> None:
         logger.warning("anomalib-diffusion could not register its models with anomalib.", exc_info=True)
 
 
+def patch_benchmark_job(module: ModuleType) -> None:
+    """Let ``anomalib benchmark`` collect results of models with different settings and metrics."""
+    try:
+        from anomalib_diffusion.compat import patch_benchmark_job as patch  # noqa: PLC0415
+
+        patch(module)
+    except Exception:  # noqa: BLE001
+        logger.warning("anomalib-diffusion could not patch anomalib's benchmark result collection.", exc_info=True)
+
+
+def _after_import(module: ModuleType) -> None:
+    if module.__name__ == TARGET_MODULE:
+        register_models()
+    elif module.__name__ == BENCHMARK_JOB_MODULE:
+        patch_benchmark_job(module)
+
+
 def install() -> None:
     """Arrange for the plugin's models to be registered whenever anomalib's models load."""
+    if BENCHMARK_JOB_MODULE in sys.modules:
+        patch_benchmark_job(sys.modules[BENCHMARK_JOB_MODULE])
     if TARGET_MODULE in sys.modules:
         register_models()
-        return
+        if BENCHMARK_JOB_MODULE in sys.modules:
+            return
     if not any(isinstance(finder, _AnomalibModelsFinder) for finder in sys.meta_path):
         sys.meta_path.insert(0, _AnomalibModelsFinder())

@@ -54,3 +54,20 @@ def test_federated_config_with_an_unknown_section_is_refused(tmp_path: Path) -> 
     path.write_text("federation: {rounds: 2}\nsites: {count: 3}\n")
     with pytest.raises(ValueError, match=r"Unknown sections \['sites'\]"):
         load_config(path)
+
+
+def test_benchmark_config_builds_every_model_with_a_bounded_budget() -> None:
+    """Each grid entry builds the way anomalib's benchmark generator builds it, and trains for a bounded time."""
+    from anomalib.models import get_model
+
+    config = yaml.safe_load((CONFIGS / "benchmark.yaml").read_text())
+    assert config["accelerator"] == ["cpu"]
+    entries = config["benchmark"]["model"]["grid"]
+    names = [entry["class_path"] for entry in entries]
+    assert names == ["RADAR", "GLAD", "DADDA", "PadimLite0", "PatchcoreLite0", "DraemOffline"]
+    for entry in entries:
+        model = get_model(entry)
+        assert type(model).__name__ == entry["class_path"]
+        bounded = getattr(model, "max_steps", None) or model.trainer_arguments.get("max_epochs")
+        assert bounded, f"{entry['class_path']} would train for Lightning's default 1000 epochs"
+    assert config["benchmark"]["data"]["class_path"] == "MVTecAD"

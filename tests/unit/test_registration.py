@@ -70,3 +70,23 @@ def test_anomalib_cli_resolves_the_model(name: str) -> None:
     assert result.returncode == 0, result.stderr[-2000:]
     assert name.rsplit(".", 1)[-1] in result.stdout
     assert f"{argument}: 7" in result.stdout
+
+
+def test_benchmark_collects_jobs_with_different_settings_and_metrics() -> None:
+    # anomalib 2.7 takes the columns from the first job only: a KeyError (or a length mismatch) for mixed models.
+    code = (
+        "from anomalib.pipelines.benchmark.job import BenchmarkJob\n"
+        "frame = BenchmarkJob.collect([\n"
+        "    {'model.class_path': 'RADAR', 'model.init_args.max_steps': 3, 'image_AUROC': 0.9},\n"
+        "    {'model.class_path': 'PadimLite0', 'image_AUROC': 0.8, 'defect_type_accuracy': 0.5},\n"
+        "])\n"
+        "print(list(frame.columns))\n"
+        "print(frame['model.class_path'].tolist(), frame['image_AUROC'].tolist())\n"
+        "print(frame.isna().to_numpy().tolist())\n"
+    )
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr
+    columns, values, missing = result.stdout.strip().splitlines()
+    assert columns == "['model.class_path', 'model.init_args.max_steps', 'image_AUROC', 'defect_type_accuracy']"
+    assert values == "['RADAR', 'PadimLite0'] [0.9, 0.8]"
+    assert missing == "[[False, False, False, True], [False, True, False, False]]"
