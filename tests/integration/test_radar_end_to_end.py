@@ -216,3 +216,84 @@ def test_grayscale_and_rgba_files_are_read_as_rgb(
         image.convert(mode).save(path)
     [(_, score, _)] = predict(openvino_model, path, tmp_path / "out")
     assert np.isfinite(score)
+
+
+def test_plain_openvino_runtime_without_torch_matches_the_inferencer(
+    demo_root: Path, openvino_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The standalone runtime, copied out of the package and run with torch and anomalib unimportable."""
+    import shutil
+    import subprocess
+    import sys
+
+    import anomalib_diffusion.deploy.openvino_runtime as runtime
+
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    paths = demo_test_images(demo_root)[:3]
+    for index, path in enumerate(paths):
+        (folder / f"{index}.png").write_bytes(path.read_bytes())
+    (folder / "3_truncated.png").write_bytes(paths[0].read_bytes()[:200])
+    script = shutil.copy(runtime.__file__, tmp_path / "openvino_runtime.py")
+    blocker = "import sys; sys.modules.update(torch=None, anomalib=None, anomalib_diffusion=None); "
+    code = blocker + f"sys.argv = ['x'] + sys.argv[1:]; exec(open({str(script)!r}).read())"
+    command = [sys.executable, "-c", code, "--model", str(openvino_model), "--input", str(folder)]
+    result = subprocess.run([*command, "--csv", "scores.csv"], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Skipped" in result.stderr
+    assert "3_truncated.png" in result.stderr
+    assert "Scored 3 of 4 file(s)." in result.stderr
+    rows = (tmp_path / "scores.csv").read_text().splitlines()
+    assert rows[0] == "path,pred_score,pred_label"
+    assert [Path(row.split(",")[0]).name for row in rows[1:]] == ["0.png", "1.png", "2.png"]
+    inferencer = OpenVINOInferencer(openvino_model, device="CPU")
+    for row in rows[1:]:
+        path, score, label = row.split(",")
+        expected = inferencer.predict(Path(path))
+        assert float(score) == pytest.approx(float(expected.pred_score.reshape(-1)[0]), abs=1e-5)
+        assert bool(int(label)) == bool(expected.pred_label.reshape(-1)[0])
+
+
+def test_plain_openvino_runtime_maps_and_bad_input(demo_root: Path, openvino_model: Path, tmp_path: Path) -> None:
+    from anomalib_diffusion.deploy.openvino_runtime import OpenVINODetector, read_image
+
+    detector = OpenVINODetector(openvino_model)
+    path = demo_test_images(demo_root)[-1]
+    prediction = detector.predict_file(path)
+    expected = OpenVINOInferencer(openvino_model, device="CPU").predict(path)
+    np.testing.assert_allclose(prediction.anomaly_map, expected.anomaly_map.reshape(64, 64), atol=1e-5)
+    uint8 = (read_image(path) * 255).round().astype(np.uint8)
+    assert detector.predict(uint8).pred_score == pytest.approx(prediction.pred_score, abs=1e-3)
+    with pytest.raises(ValueError, match=r"shape \(H, W, 3\)"):
+        detector.predict(np.zeros((64, 64), dtype=np.float32))
+    with pytest.raises(FileNotFoundError, match="anomalib export"):
+        OpenVINODetector(tmp_path / "missing.xml")
+
+
+def test_plain_openvino_runtime_watch_scores_files_once_they_are_complete(
+    demo_root: Path, openvino_model: Path, tmp_path: Path
+) -> None:
+    import threading
+
+    from anomalib_diffusion.deploy.openvino_runtime import OpenVINODetector, watch
+
+    folder = tmp_path / "camera"
+    folder.mkdir()
+    source = demo_test_images(demo_root)[0].read_bytes()
+    (folder / "first.png").write_bytes(source)
+    seen: list[str] = []
+
+    def drop_second_file_in_two_parts() -> None:
+        with (folder / "second.png").open("wb") as file:
+            file.write(source[: len(source) // 2])
+            file.flush()
+            threading.Event().wait(0.3)  # a poll in between sees it growing and must not read it yet
+            file.write(source[len(source) // 2 :])
+
+    writer = threading.Thread(target=drop_second_file_in_two_parts)
+    writer.start()
+    handled = watch(OpenVINODetector(openvino_model), folder, lambda p: seen.append(p.path.name), 1.0, max_images=2)
+    writer.join()
+    assert handled == 2
+    assert seen == ["first.png", "second.png"]
