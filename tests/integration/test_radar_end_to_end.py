@@ -265,6 +265,8 @@ def test_plain_openvino_runtime_maps_and_bad_input(demo_root: Path, openvino_mod
     np.testing.assert_allclose(prediction.anomaly_map, expected.anomaly_map.reshape(64, 64), atol=1e-5)
     uint8 = (read_image(path) * 255).round().astype(np.uint8)
     assert detector.predict(uint8).pred_score == pytest.approx(prediction.pred_score, abs=1e-3)
+    # The pre-processor inside the graph resizes: any camera size goes in, the map comes out at the model's size.
+    assert detector.predict(np.zeros((80, 100, 3), dtype=np.uint8)).anomaly_map.shape == (64, 64)
     with pytest.raises(ValueError, match=r"shape \(H, W, 3\)"):
         detector.predict(np.zeros((64, 64), dtype=np.float32))
     with pytest.raises(FileNotFoundError, match="anomalib export"):

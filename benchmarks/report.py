@@ -1,0 +1,641 @@
+"""The benchmark page users read: every model of ``configs/benchmark.yaml``, quality, cost and INT8, in one run.
+
+One command writes ``docs/benchmarks.md`` and the PNG figures it shows (``docs/figures/benchmarks_*.png``):
+
+1. **Quality**, per category and model: each model is built from the grid of ``configs/benchmark.yaml``
+   (the same settings ``anomalib benchmark`` uses), trained with anomalib's ``Engine.fit`` and scored with
+   ``Engine.test`` through an anomalib ``Evaluator`` with image AUROC, pixel AUROC, PRO (anomalib's
+   ``AUPRO``: area under the per-region-overlap curve up to a false-positive rate of 0.3, the MVTec AD
+   protocol) and image / pixel F1. F1 needs a threshold: each model sets it on a validation split of
+   *synthetic* anomalies made from 20 % of the normal training images (anomalib's
+   ``ValSplitMode.SYNTHETIC``), so no test image or test label sets a threshold. ROC curves come from
+   the same test images (``Engine.predict``).
+2. **Latency** of one image (batch 1, median of ``--latency-runs`` after ``--warmup-runs``) on the first
+   category's models: torch eager (``model(image)``: pre-processing, network and post-processing, the graph
+   that is exported), OpenVINO FP32, and OpenVINO INT8 (NNCF post-training quantisation through anomalib's
+   exporter, calibrated on normal training images only). Each also as a ratio to PaDiM (``PadimLite0``) in
+   the same backend and run.
+3. **INT8 accuracy loss**: image / pixel AUROC of the FP32 and INT8 OpenVINO models over the first
+   category's test split, and the difference.
+4. **Deployment cost**: exported file sizes and the peak memory of a process that runs the OpenVINO model
+   with the plain runtime (``anomalib_diffusion.deploy.openvino_runtime``; torch is blocked in it).
+
+Rerun (writes the page and figures; the demo data is generated when --root is not given)::
+
+    python benchmarks/report.py --categories brick          # the committed page
+    python benchmarks/report.py --root /data/mvtec_ad --categories bottle carpet
+
+Smoke test (tiny data and models; prints, writes nothing unless --output is given)::
+
+    python benchmarks/report.py --quick
+"""
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import anomalib.models
+import numpy as np
+import openvino as ov
+import torch
+import yaml
+from anomalib.data import MVTecAD
+from anomalib.data.utils import ValSplitMode
+from anomalib.deploy import CompressionType, ExportType
+from anomalib.engine import Engine
+from anomalib.metrics import AUPRO, AUROC, Evaluator, F1Score
+from anomalib.models.components import AnomalibModule
+from lightning import seed_everything
+from sklearn.metrics import roc_curve
+
+from anomalib_diffusion.data import make_demo_dataset
+
+sys.path.insert(0, str(Path(__file__).parent))
+from radar_vs_padim import (  # noqa: E402
+    OPENVINO_CONFIG,
+    calibration_datamodule,
+    file_size_mb,
+    machine_info,
+    markdown_table,
+    openvino_quality,
+    save_figure_atomically,
+    time_runs,
+    write_atomically,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "benchmark.yaml"
+REPORT = REPO / "docs" / "benchmarks.md"
+FIGURES = REPO / "docs" / "figures"
+REFERENCE = "PadimLite0"
+BACKENDS = ("torch", "OpenVINO FP32", "OpenVINO INT8")
+# --quick: tiny models, a few steps; the same code path as the real run.
+QUICK_SETTINGS = {
+    "RADAR": {
+        "image_size": 64,
+        "patch_size": 32,
+        "stride": 16,
+        "window_size": 16,
+        "block_out_channels": [8, 16],
+        "attention_resolutions": [16],
+        "max_steps": 3,
+        "n_estimators": 25,
+    },
+    "GLAD": {
+        "image_size": 64,
+        "patch_size": 32,
+        "block_out_channels": [8, 16],
+        "attention_resolutions": [16],
+        "num_inference_steps": 5,
+        "start_timestep": 600,
+        "min_timestep": 300,
+        "max_steps": 3,
+        "calibration_fraction": 0.25,
+    },
+    "DADDA": {
+        "image_size": 64,
+        "patch_size": 32,
+        "block_out_channels": [8, 16],
+        "attention_resolutions": [16],
+        "generation_steps": 3,
+        "detector_width": 8,
+        "procedural_seeds": 8,
+        "generator_steps": 2,
+        "detector_steps": 2,
+        "type_samples_per_type": 4,
+    },
+    "PadimLite0": {},
+    "PatchcoreLite0": {},
+    "DraemOffline": {"max_epochs": 1},
+}
+
+
+@dataclass
+class Run:
+    """One model on one category."""
+
+    metrics: dict[str, float]
+    fit_seconds: float
+    scores: np.ndarray
+    labels: np.ndarray
+    maps: dict[str, np.ndarray] = field(default_factory=dict)  # image name -> anomaly map, for the grid
+
+
+@dataclass
+class Deployment:
+    """The first category's exports of one model and what they cost."""
+
+    exports: dict[str, Path]
+    int8_note: str | None
+    latency_ms: dict[str, float]
+    quality: dict[str, tuple[float, float]]  # backend -> (image AUROC, pixel AUROC)
+    peak_rss_mb: dict[str, float]
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, default=CONFIG, help="anomalib benchmark config with the model grid")
+    parser.add_argument("--root", type=Path, default=None, help="MVTec AD-layout root (default: generate demo data)")
+    parser.add_argument("--categories", nargs="+", default=None, help="default: the config's category grid")
+    parser.add_argument("--models", nargs="+", default=None, help="a subset of the config's models")
+    parser.add_argument("--latency-runs", type=int, default=30)
+    parser.add_argument("--warmup-runs", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=None, help="default: the config's benchmark.seed")
+    parser.add_argument("--work-dir", type=Path, default=None, help="keep data, runs and exports here")
+    parser.add_argument("--output", default=None, help=f"page path ('-' prints only; default {REPORT})")
+    parser.add_argument("--figures", type=Path, default=None, help=f"folder for the PNGs (default {FIGURES})")
+    parser.add_argument("--quick", action="store_true", help="tiny data and models; prints only")
+    parser.add_argument("--int8-export-worker", nargs=6, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def model_grid(config: dict, names: Sequence[str] | None, quick: bool) -> dict[str, dict]:
+    grid = {entry["class_path"]: dict(entry.get("init_args") or {}) for entry in config["benchmark"]["model"]["grid"]}
+    if REFERENCE not in grid:
+        msg = f"{REFERENCE} must be in the model grid: latencies are given as ratios to it."
+        raise ValueError(msg)
+    if names:
+        unknown = sorted(set(names) - set(grid))
+        if unknown:
+            msg = f"Models {unknown} are not in the config's grid {sorted(grid)}."
+            raise ValueError(msg)
+        grid = {name: grid[name] for name in grid if name in names or name == REFERENCE}
+    if quick:
+        grid = {name: QUICK_SETTINGS[name] for name in grid}
+    return grid
+
+
+def evaluator() -> Evaluator:
+    return Evaluator(
+        test_metrics=[
+            AUROC(fields=["pred_score", "gt_label"], prefix="image_"),
+            AUROC(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False),
+            AUPRO(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False),
+            F1Score(fields=["pred_label", "gt_label"], prefix="image_"),
+            F1Score(fields=["pred_mask", "gt_mask"], prefix="pixel_", strict=False),
+        ]
+    )
+
+
+def build(name: str, settings: dict) -> AnomalibModule:
+    model = getattr(anomalib.models, name)(**settings)
+    model.evaluator = evaluator()
+    return model
+
+
+def datamodule(root: Path, category: str, seed: int, batch: int) -> MVTecAD:
+    return MVTecAD(
+        root=root,
+        category=category,
+        train_batch_size=batch,
+        eval_batch_size=batch,
+        num_workers=0,
+        val_split_mode=ValSplitMode.SYNTHETIC,
+        val_split_ratio=0.2,
+        seed=seed,
+    )
+
+
+def engine(root: Path) -> Engine:
+    return Engine(default_root_dir=root, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+
+
+def grid_images(data: MVTecAD) -> list[str]:
+    """One normal test image and the first image of each defect type."""
+    paths = data.test_data.samples.image_path.tolist()
+    chosen: dict[str, str] = {}
+    for path in sorted(paths):
+        chosen.setdefault(Path(path).parent.name, path)
+    return [chosen["good"], *[chosen[kind] for kind in sorted(chosen) if kind != "good"]] if "good" in chosen else []
+
+
+def train_and_score(
+    name: str, settings: dict, data: MVTecAD, root: Path, seed: int
+) -> tuple[AnomalibModule, Engine, Run]:
+    seed_everything(seed, workers=True)
+    model = build(name, settings)
+    runner = engine(root)
+    start = time.perf_counter()
+    runner.fit(model=model, datamodule=data)
+    fit_seconds = time.perf_counter() - start
+    metrics = {key: float(value) for key, value in runner.test(model=model, datamodule=data, verbose=False)[0].items()}
+    batches = runner.predict(model=model, dataloaders=data.test_dataloader())
+    wanted = set(grid_images(data))
+    scores, labels, maps = [], [], {}
+    for batch in batches:
+        scores += batch.pred_score.reshape(-1).tolist()
+        labels += batch.gt_label.reshape(-1).int().tolist()
+        for path, anomaly_map in zip(batch.image_path, batch.anomaly_map, strict=True):
+            if path in wanted:
+                maps[path] = anomaly_map.reshape(anomaly_map.shape[-2:]).float().numpy()
+    print(f"{name}: fit {fit_seconds:.0f} s, {metrics}", flush=True)
+    return model, runner, Run(metrics, fit_seconds, np.asarray(scores), np.asarray(labels), maps)
+
+
+def export(model: AnomalibModule, runner: Engine, name: str, root: Path, category: str, seed: int, out: Path):
+    """Torch, OpenVINO FP32 and (in a child process, which a crash costs only a table cell) OpenVINO INT8."""
+    model.eval()
+    exports = {
+        "torch": runner.export(model=model, export_type=ExportType.TORCH, export_root=out / "torch"),
+        "OpenVINO FP32": runner.export(model=model, export_type=ExportType.OPENVINO, export_root=out / "fp32"),
+    }
+    if CompressionType.INT8_PTQ in getattr(model, "REFUSED_COMPRESSION", ()):
+        return exports, f"{name} refuses INT8_PTQ (activation quantisation breaks its map; see its docs)"
+    callback = runner.trainer.checkpoint_callback
+    checkpoint = torch.load(
+        callback.best_model_path or callback.last_model_path, map_location="cpu", weights_only=False
+    )
+    # The report's evaluator (AUPRO keeps a buffer) is not part of the model the exporter rebuilds.
+    checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("evaluator.")}
+    source = out / "int8_source.ckpt"
+    source.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(checkpoint, source)
+    command = [sys.executable, __file__, "--int8-export-worker", str(source), name, str(root), category, str(seed)]
+    command.append(str(out / "int8"))
+    result = subprocess.run(command, capture_output=True, text=True, check=False)  # noqa: S603
+    path = out / "int8" / "weights" / "openvino" / "model.xml"
+    if result.returncode != 0 or not path.is_file():
+        reason = "segmentation fault" if result.returncode == -signal.SIGSEGV else f"exit code {result.returncode}"
+        print(result.stderr[-2000:], file=sys.stderr)
+        return exports, f"INT8 export failed ({reason})"
+    exports["OpenVINO INT8"] = path
+    return exports, None
+
+
+def int8_export_worker(checkpoint: str, name: str, root: str, category: str, seed: str, out: str) -> None:
+    model = getattr(anomalib.models, name).load_from_checkpoint(checkpoint).eval()
+    engine(Path(out)).export(
+        model=model,
+        export_type=ExportType.OPENVINO,
+        export_root=Path(out),
+        compression_type=CompressionType.INT8_PTQ,
+        datamodule=calibration_datamodule(Path(root), category, int(seed)),
+    )
+
+
+# Run in a fresh interpreter (this script imports torch): only OpenVINO, NumPy, Pillow and the plain runtime load.
+MEMORY_PROBE = """
+import json, resource, sys
+sys.modules["torch"] = None  # the runtime must not need it
+import numpy as np
+from anomalib_diffusion.deploy.openvino_runtime import OpenVINODetector
+detector = OpenVINODetector(sys.argv[1], config=json.loads(sys.argv[2]))
+image = np.random.default_rng(0).random((256, 256, 3), dtype=np.float32)
+for _ in range(20):
+    detector.predict(image)
+print(json.dumps({"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def peak_rss_mb(model_path: Path) -> float:
+    """Peak resident memory of a torch-free process that compiles the model and scores 20 images."""
+    command = [sys.executable, "-c", MEMORY_PROBE, str(model_path), json.dumps(OPENVINO_CONFIG)]
+    result = subprocess.run(command, capture_output=True, text=True, check=True)  # noqa: S603
+    return float(json.loads(result.stdout.strip().splitlines()[-1])["peak_mb"])
+
+
+def deploy(
+    models: dict[str, tuple[AnomalibModule, Engine]],
+    root: Path,
+    category: str,
+    seed: int,
+    args: argparse.Namespace,
+    work: Path,
+) -> dict[str, Deployment]:
+    image = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(0))
+    test_data = MVTecAD(root=root, category=category, eval_batch_size=1, num_workers=0, seed=seed)
+    test_data.setup()
+    deployments = {}
+    for name, (model, runner) in models.items():
+        exports, note = export(model, runner, name, root, category, seed, work / "exports" / name)
+        quality = {
+            backend: tuple(vars(openvino_quality(exports[backend], test_data, f"{name} {backend}")).values())[:2]
+            for backend in ("OpenVINO FP32", "OpenVINO INT8")
+            if backend in exports
+        }
+        memory = {
+            backend: peak_rss_mb(exports[backend])
+            for backend in ("OpenVINO FP32", "OpenVINO INT8")
+            if backend in exports
+        }
+        deployments[name] = Deployment(exports, note, {}, quality, memory)
+    core = ov.Core()
+    for backend in BACKENDS:  # all models back to back within a backend, so the ratios compare like with like
+        for name, deployment in deployments.items():
+            if backend == "torch":
+                model = models[name][0].eval()
+
+                def call(model: AnomalibModule = model) -> object:
+                    with torch.inference_mode():
+                        return model(image)
+
+            elif backend in deployment.exports:
+                request = core.compile_model(deployment.exports[backend], "CPU", OPENVINO_CONFIG).create_infer_request()
+
+                def call(request: ov.InferRequest = request) -> object:
+                    return request.infer({0: image.numpy()})
+
+            else:
+                continue
+            times = time_runs(call, args.warmup_runs, args.latency_runs, f"{name} {backend}")
+            deployment.latency_ms[backend] = statistics.median(times)
+    return deployments
+
+
+# -- the page ------------------------------------------------------------------------------------------------------
+
+
+def fmt(value: float | None, digits: int = 3) -> str:
+    return "–" if value is None or np.isnan(value) else f"{value:.{digits}f}"
+
+
+METRICS = (
+    ("image AUROC", "image_AUROC"),
+    ("pixel AUROC", "pixel_AUROC"),
+    ("PRO", "pixel_AUPRO"),
+    ("image F1", "image_F1Score"),
+    ("pixel F1", "pixel_F1Score"),
+)
+
+
+def quality_tables(results: dict[str, dict[str, Run]]) -> str:
+    header = ["category", "model", *[label for label, _ in METRICS], "train s"]
+    rows = [
+        [category, name, *[fmt(run.metrics.get(key)) for _, key in METRICS], f"{run.fit_seconds:.0f}"]
+        for category, runs in results.items()
+        for name, run in runs.items()
+    ]
+    text = markdown_table(header, rows)
+    if len(results) > 1:
+        names = list(next(iter(results.values())))
+        means = [
+            [
+                name,
+                *[
+                    fmt(statistics.mean(runs[name].metrics.get(key, np.nan) for runs in results.values()))
+                    for _, key in METRICS
+                ],
+                f"{sum(runs[name].fit_seconds for runs in results.values()):.0f}",
+            ]
+            for name in names
+        ]
+        text += "\n\nMean over the categories (train s: the sum):\n\n" + markdown_table(["model", *header[2:]], means)
+    return text
+
+
+def latency_table(deployments: dict[str, Deployment]) -> str:
+    reference = deployments[REFERENCE].latency_ms
+    header = ["model"] + [part for backend in BACKENDS for part in (f"{backend} ms", "× PaDiM")]
+    rows = []
+    for name, deployment in deployments.items():
+        row = [name]
+        for backend in BACKENDS:
+            value = deployment.latency_ms.get(backend)
+            ratio = value / reference[backend] if value is not None and backend in reference else None
+            row += [fmt(value, 1), fmt(ratio, 2)]
+        rows.append(row)
+    return markdown_table(header, rows)
+
+
+def int8_table(deployments: dict[str, Deployment]) -> str:
+    header = [
+        "model",
+        "FP32 image AUROC",
+        "INT8 image AUROC",
+        "Δ image",
+        "FP32 pixel AUROC",
+        "INT8 pixel AUROC",
+        "Δ pixel",
+        "note",
+    ]
+    rows = []
+    for name, deployment in deployments.items():
+        fp32 = deployment.quality.get("OpenVINO FP32", (None, None))
+        int8 = deployment.quality.get("OpenVINO INT8", (None, None))
+        delta = [None if a is None or b is None else b - a for a, b in zip(fp32, int8, strict=True)]
+        rows.append(
+            [
+                name,
+                fmt(fp32[0]),
+                fmt(int8[0]),
+                fmt(delta[0]),
+                fmt(fp32[1]),
+                fmt(int8[1]),
+                fmt(delta[1]),
+                deployment.int8_note or "",
+            ]
+        )
+    return markdown_table(header, rows)
+
+
+def cost_table(deployments: dict[str, Deployment]) -> str:
+    header = [
+        "model",
+        "torch .pt MB",
+        "OpenVINO FP32 MB",
+        "OpenVINO INT8 MB",
+        "runtime peak RSS FP32 MB",
+        "runtime peak RSS INT8 MB",
+    ]
+    rows = []
+    for name, deployment in deployments.items():
+        sizes = [fmt(file_size_mb(deployment.exports[b]), 1) if b in deployment.exports else "–" for b in BACKENDS]
+        memory = [fmt(deployment.peak_rss_mb.get(b), 0) for b in ("OpenVINO FP32", "OpenVINO INT8")]
+        rows.append([name, *sizes, *memory])
+    return markdown_table(header, rows)
+
+
+def draw_roc(results: dict[str, dict[str, Run]], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 4), squeeze=False)
+    for axis, (category, runs) in zip(axes[0], results.items(), strict=True):
+        for name, run in runs.items():
+            if len(set(run.labels.tolist())) == 2:  # noqa: PLR2004
+                fpr, tpr, _ = roc_curve(run.labels, run.scores)
+                axis.plot(fpr, tpr, label=f"{name} ({run.metrics.get('image_AUROC', np.nan):.2f})")
+        axis.plot([0, 1], [0, 1], color="grey", linewidth=0.5, linestyle="--")
+        axis.set(title=f"{category}: image ROC", xlabel="false-positive rate", ylabel="true-positive rate")
+        axis.legend(fontsize=7, loc="lower right")
+    figure.tight_layout()
+    save_figure_atomically(figure, path)
+
+
+def draw_latency(deployments: dict[str, Deployment], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(BACKENDS)
+    names = list(deployments)
+    for index, backend in enumerate(BACKENDS):
+        values = [deployments[name].latency_ms.get(backend, np.nan) for name in names]
+        axis.bar(np.arange(len(names)) + index * width, values, width, label=backend)
+    axis.set_xticks(np.arange(len(names)) + width, names, rotation=15)
+    axis.set(yscale="log", ylabel="ms per 256x256 image (median, log scale)", title="latency, batch 1, CPU")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    save_figure_atomically(figure, path)
+
+
+def draw_maps(runs: dict[str, Run], category: str, path: Path) -> None:
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    images = sorted(next(iter(runs.values())).maps)
+    images = sorted(images, key=lambda p: (Path(p).parent.name != "good", p))
+    if not images:
+        return
+    figure, axes = plt.subplots(
+        len(runs) + 1, len(images), figsize=(2.2 * len(images), 2.2 * (len(runs) + 1)), squeeze=False
+    )
+    for column, image_path in enumerate(images):
+        with Image.open(image_path) as image:
+            axes[0, column].imshow(image.convert("RGB"))
+        axes[0, column].set_title(Path(image_path).parent.name, fontsize=9)
+        for row, (name, run) in enumerate(runs.items(), start=1):
+            axes[row, column].imshow(run.maps[image_path], cmap="jet", vmin=0, vmax=1)
+            axes[row, 0].set_ylabel(name, fontsize=8)
+    axes[0, 0].set_ylabel("input", fontsize=8)
+    for axis in axes.flat:
+        axis.set_xticks([])
+        axis.set_yticks([])
+    figure.suptitle(f"{category}: normalised anomaly maps (0 to 1; 0.5 is each model's threshold)", fontsize=10)
+    figure.tight_layout()
+    save_figure_atomically(figure, path)
+
+
+def render(
+    args: argparse.Namespace, command: str, minutes: float, grid: dict, results: dict, deployments: dict, figures: dict
+) -> str:
+    first = next(iter(results))
+    show = lambda key: f"![{key}]({figures[key]})" if key in figures else ""  # noqa: E731
+    return "\n".join(
+        [
+            "# Benchmarks: RADAR, GLAD, DADDA and anomalib's PaDiM, PatchCore and DRAEM",
+            "",
+            f"Generated by `{command}` on {datetime.now().strftime('%Y-%m-%d')} in {minutes:.0f} min; do not edit by "
+            "hand. The models and their settings are the grid of `configs/benchmark.yaml` (run it through "
+            "`anomalib benchmark` for anomalib's own results table).",
+            "",
+            "## Quality",
+            "",
+            quality_tables(results),
+            "",
+            "PRO is anomalib's `AUPRO` (area under the per-region-overlap curve up to a false-positive rate of 0.3). "
+            "F1 uses each model's own threshold, set on synthetic anomalies made from 20 % of the normal training "
+            "images (anomalib's `ValSplitMode.SYNTHETIC`): no test image or label sets it. AUROC and PRO need no "
+            "threshold. Train time is `Engine.fit` wall-clock on this machine.",
+            "",
+            show("roc"),
+            "",
+            f"## Latency ({first}'s models, one 256x256 image, batch 1)",
+            "",
+            latency_table(deployments),
+            "",
+            f"Median of {args.latency_runs} runs after {args.warmup_runs} warm-up runs; all models run back to back "
+            "within each backend. torch: `model(image)` under `torch.inference_mode` (pre-processing, network, "
+            "post-processing). OpenVINO INT8: NNCF post-training quantisation through `anomalib export "
+            "--compression_type INT8_PTQ`, calibrated on normal training images.",
+            "",
+            show("latency"),
+            "",
+            f"## Accuracy lost by INT8 ({first})",
+            "",
+            int8_table(deployments),
+            "",
+            "Image / pixel AUROC of the OpenVINO models' own outputs over the test split (scikit-learn).",
+            "",
+            "## Deployment cost",
+            "",
+            cost_table(deployments),
+            "",
+            "Peak RSS: a separate process with torch blocked that loads only OpenVINO, compiles the model and "
+            "scores 20 images with `anomalib_diffusion.deploy.openvino_runtime` (the plain-runtime deployment of "
+            "[deployment.md](deployment.md)). It includes the OpenVINO runtime itself.",
+            "",
+            f"## Anomaly maps ({first})",
+            "",
+            show("maps"),
+            "",
+            "## Set-up",
+            "",
+            "- Data: "
+            + (
+                f"`{args.root}`"
+                if args.root
+                else "the offline demo set (`make_demo_dataset`, seed 0, MVTec AD layout, 256x256)"
+            ),
+            "- Models: " + "; ".join(f"{name} `{settings or 'defaults'}`" for name, settings in grid.items()),
+            "- Machine: " + ", ".join(f"{key} {value}" for key, value in machine_info().items()),
+            "",
+        ]
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.int8_export_worker:
+        int8_export_worker(*args.int8_export_worker)
+        return
+    if args.latency_runs < 1 or args.warmup_runs < 0:
+        raise SystemExit("--latency-runs must be at least 1 and --warmup-runs at least 0.")
+    config = yaml.safe_load(args.config.read_text())
+    grid = model_grid(config, args.models, args.quick)
+    data_config = config["benchmark"]["data"]["init_args"]
+    categories = args.categories or data_config["category"].get("grid", [data_config["category"]])
+    categories = categories[:1] if args.quick else categories
+    seed = config["benchmark"].get("seed", 0) if args.seed is None else args.seed
+    batch = 4 if args.quick else int(data_config.get("train_batch_size", 8))
+    if args.quick:
+        args.latency_runs, args.warmup_runs = min(args.latency_runs, 3), min(args.warmup_runs, 1)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as scratch:
+        work = args.work_dir or Path(scratch)
+        root = args.root
+        if root is None:
+            sizes = {"n_train": 10, "n_test_good": 4, "n_test_per_defect": 2, "image_size": 64} if args.quick else {}
+            root = make_demo_dataset(work / "data", categories=categories, seed=0, progress=False, **sizes)
+        elif not all((root / category / "train" / "good").is_dir() for category in categories):
+            raise SystemExit(f"{root} is not an MVTec AD-layout folder with {categories} (each needs train/good).")
+        results: dict[str, dict[str, Run]] = {}
+        trained: dict[str, tuple[AnomalibModule, Engine]] = {}
+        for category in categories:
+            data = datamodule(root, category, seed, batch)
+            results[category] = {}
+            for name, settings in grid.items():
+                model, runner, run = train_and_score(name, settings, data, work / "runs" / category / name, seed)
+                results[category][name] = run
+                if category == categories[0]:
+                    trained[name] = (model, runner)
+        deployments = deploy(trained, root, categories[0], seed, args, work)
+        minutes = (time.perf_counter() - start) / 60
+        output = None if args.quick and args.output is None else (args.output or str(REPORT))
+        figures: dict[str, str] = {}
+        if output and output != "-":
+            folder = args.figures or FIGURES
+            paths = {key: folder / f"benchmarks_{key}.png" for key in ("roc", "latency", "maps")}
+            draw_roc(results, paths["roc"])
+            draw_latency(deployments, paths["latency"])
+            draw_maps(results[categories[0]], categories[0], paths["maps"])
+            page = Path(output).resolve().parent
+            figures = {key: os.path.relpath(path.resolve(), page) for key, path in paths.items()}
+    command = "python benchmarks/report.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    text = render(args, command.strip(), minutes, grid, results, deployments, figures)
+    print(text)
+    if output and output != "-":
+        write_atomically(Path(output), text)
+        print(f"Report written to {output}")
+
+
+if __name__ == "__main__":
+    main()
