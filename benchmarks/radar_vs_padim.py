@@ -379,7 +379,11 @@ def openvino_quality(model_path: Path, test_data: MVTecAD, label: str) -> OpenVI
         request.infer({0: item.image.unsqueeze(0).numpy()})
         scores.append(float(request.get_tensor(names["pred_score"]).data.reshape(-1)[0]))
         labels.append(int(item.gt_label))
-        anomaly_map = request.get_tensor(names["anomaly_map"]).data.reshape(item.gt_mask.shape[-2:])
+        output = torch.from_numpy(request.get_tensor(names["anomaly_map"]).data.copy()).float()
+        output = output.reshape(1, 1, *output.shape[-2:])
+        if output.shape[-2:] != item.gt_mask.shape[-2:]:  # a model whose map is at its own input size
+            output = torch.nn.functional.interpolate(output, size=item.gt_mask.shape[-2:], mode="bilinear")
+        anomaly_map = output.reshape(item.gt_mask.shape[-2:]).numpy()
         maps.append(anomaly_map.astype(np.float32).ravel())
         masks.append(item.gt_mask.numpy().astype(bool).ravel())
     pixels = np.concatenate(maps)

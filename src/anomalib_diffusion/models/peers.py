@@ -154,6 +154,25 @@ class PatchcoreLite0(Patchcore):
         """Resize to ``image_size`` (default 256x256), optionally centre-crop, and scale to ``[-1, 1]``."""
         return _lite0_pre_processor(image_size, center_crop_size)
 
+    def to_onnx(
+        self,
+        export_root: Path | str,
+        model_file_name: str = "model",
+        input_size: tuple[int, int] | None = None,
+        **kwargs: Any,  # noqa: ANN401
+    ) -> Path:
+        """Export with a batch of one image.
+
+        anomalib exports with a dynamic batch traced at batch 2, and PatchCore's nearest-neighbour search fixes
+        the batch size while tracing: the graph then accepts exactly two images, and anomalib's INT8_PTQ fails
+        on its dynamic height and width. One image per call (height and width dynamic unless ``input_size``
+        is given, then all static) is what an inspection station sends.
+        """
+        if "dynamic_axes" not in kwargs and "dynamic_shapes" not in kwargs:
+            kwargs["dynamic_axes"] = {} if input_size else {"input": {2: "height", 3: "width"}}
+        kwargs.setdefault("opset_version", 18)  # the dynamo exporter's own; 14 only triggers a failing down-conversion
+        return super().to_onnx(export_root, model_file_name, input_size, **kwargs)
+
 
 def procedural_texture_dir(count: int = TEXTURE_COUNT, size: int = TEXTURE_SIZE, seed: int = 0) -> Path:
     """A folder of ``count`` procedural colour-texture PNGs (DRAEM's anomaly sources), made once.
