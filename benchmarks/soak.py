@@ -14,7 +14,7 @@ trained; its settings, image size included, are the config's).
 
 Rerun (writes docs/benchmarks/soak.md and docs/figures/soak.png)::
 
-    python benchmarks/soak.py --model RADAR --predictions 3000
+    python benchmarks/soak.py --model DADDA --predictions 3000
 
 Smoke test (prints only)::
 
@@ -45,6 +45,7 @@ from anomalib_diffusion.deploy.openvino_runtime import OpenVINODetector, image_p
 
 sys.path.insert(0, str(Path(__file__).parent))
 from radar_vs_padim import OPENVINO_CONFIG, machine_info, markdown_table, save_figure_atomically, write_atomically  # noqa: E402
+from report import QUICK_SETTINGS  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 REPORT = REPO / "docs" / "benchmarks" / "soak.md"
@@ -56,7 +57,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--xml", type=Path, default=None, help="an exported OpenVINO model.xml to soak")
-    source.add_argument("--model", default="RADAR", help="a model of configs/benchmark.yaml to train and export")
+    source.add_argument("--model", default="DADDA", help="a model of configs/benchmark.yaml to train and export")
     parser.add_argument("--train-steps", type=int, default=30, help="training steps (or epochs) for --model")
     parser.add_argument("--category", default="brick", help="demo category whose test images are scored")
     parser.add_argument("--predictions", type=int, default=3000)
@@ -93,9 +94,8 @@ def train_and_export(name: str, steps: int, root: Path, category: str, work: Pat
             chosen[key] = steps
     if "max_epochs" in chosen:
         chosen["max_epochs"] = max(1, min(steps, int(chosen["max_epochs"])))
-    if quick and name == "RADAR":
-        chosen |= {"image_size": 64, "patch_size": 32, "stride": 16, "window_size": 16, "block_out_channels": [8, 16]}
-        chosen |= {"attention_resolutions": [16], "n_estimators": 25}
+    if quick:
+        chosen = dict(QUICK_SETTINGS[name])
     seed_everything(0, workers=True)
     model = getattr(anomalib.models, name)(**chosen)
     engine = Engine(default_root_dir=work, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
