@@ -200,7 +200,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                 summary_rows(latencies, memory, args.window),
             ),
             "",
-            "Memory is the process's resident set (`/proc/self/statm`) after the warm-up and at the end.",
+            "Memory is the process's resident set (`/proc/self/statm`) after the warm-up and at the end. The level "
+            "includes torch and anomalib, which this process loaded to train and export the model; what the soak "
+            "checks is the change. The footprint of a torch-free runtime process is in [benchmarks.md](../benchmarks.md).",
             "",
             "![latency and memory over the soak](../figures/soak.png)",
             "",
