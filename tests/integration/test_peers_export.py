@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from anomalib.data import MVTecAD
 from anomalib.deploy import CompressionType, ExportType
 from anomalib.engine import Engine
 
@@ -57,7 +58,8 @@ def test_patchcore_int8_ptq_with_a_static_input_size(
         export_type=ExportType.OPENVINO,
         export_root=tmp_path,
         compression_type=CompressionType.INT8_PTQ,
-        datamodule=tiny_datamodule(demo_root),
+        # One image per calibration batch: the graph takes exactly one (anomalib's quantiser only adapts train_batch_size).
+        datamodule=MVTecAD(root=demo_root, category="brick", train_batch_size=1, eval_batch_size=1, num_workers=0),
         input_size=(64, 64),
     )
     compiled = ov.Core().compile_model(xml, "CPU")
