@@ -9,7 +9,7 @@ One command writes ``docs/benchmarks.md`` and the PNG figures it shows (``docs/f
    protocol) and image / pixel F1. F1 needs a threshold: each model sets it on a validation split of
    *synthetic* anomalies made from 20 % of the normal training images (anomalib's
    ``ValSplitMode.SYNTHETIC``), so no test image or test label sets a threshold. ROC curves come from
-   the same test images (``Engine.predict``).
+   the same test pass (its output batches).
 2. **Latency** of one image (batch 1, median of ``--latency-runs`` after ``--warmup-runs``) on the first
    category's models: torch eager (``model(image)``: pre-processing, network and post-processing, the graph
    that is exported), OpenVINO FP32, and OpenVINO INT8 (NNCF post-training quantisation through anomalib's
@@ -55,7 +55,7 @@ from anomalib.deploy import CompressionType, ExportType
 from anomalib.engine import Engine
 from anomalib.metrics import AUPRO, AUROC, Evaluator, F1Score
 from anomalib.models.components import AnomalibModule
-from lightning import seed_everything
+from lightning import Callback, seed_everything
 from sklearn.metrics import roc_curve
 from torchvision.transforms.v2 import Resize
 
@@ -210,8 +210,15 @@ def datamodule(root: Path, category: str, seed: int, batch: int) -> MVTecAD:
     )
 
 
-def engine(root: Path) -> Engine:
-    return Engine(default_root_dir=root, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+def engine(root: Path, callbacks: list[Callback] | None = None) -> Engine:
+    return Engine(
+        default_root_dir=root,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        callbacks=callbacks,
+    )
 
 
 def grid_images(data: MVTecAD) -> list[str]:
@@ -223,17 +230,32 @@ def grid_images(data: MVTecAD) -> list[str]:
     return [chosen["good"], *[chosen[kind] for kind in sorted(chosen) if kind != "good"]] if "good" in chosen else []
 
 
+class TestOutputs(Callback):
+    """Keeps ``Engine.test``'s output batches: ROC curves and map grids without a second inference pass.
+
+    The post-processor and the evaluator work on the same batch objects in place, so once the test has
+    run, these hold the normalised scores and maps the metrics were computed from.
+    """
+
+    def __init__(self) -> None:
+        self.batches: list = []
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: ANN001, ARG002
+        self.batches.append(outputs)
+
+
 def train_and_score(
     name: str, settings: dict, data: MVTecAD, root: Path, seed: int
 ) -> tuple[AnomalibModule, Engine, Run]:
     seed_everything(seed, workers=True)
     model = build(name, settings)
-    runner = engine(root)
+    collector = TestOutputs()
+    runner = engine(root, callbacks=[collector])
     start = time.perf_counter()
     runner.fit(model=model, datamodule=data)
     fit_seconds = time.perf_counter() - start
     metrics = {key: float(value) for key, value in runner.test(model=model, datamodule=data, verbose=False)[0].items()}
-    batches = runner.predict(model=model, dataloaders=data.test_dataloader())
+    batches = collector.batches
     wanted = set(grid_images(data))
     scores, labels, maps = [], [], {}
     for batch in batches:
@@ -661,8 +683,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             draw_maps(results[categories[0]], categories[0], paths["maps"])
             page = Path(output).resolve().parent
             figures = {key: os.path.relpath(path.resolve(), page) for key, path in paths.items()}
-    command = "python benchmarks/report.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = render(args, command.strip(), minutes, grid, results, deployments, figures)
+        command = "python benchmarks/report.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        text = render(args, command.strip(), minutes, grid, results, deployments, figures)  # reads the exports' sizes
     print(text)
     if output and output != "-":
         write_atomically(Path(output), text)
