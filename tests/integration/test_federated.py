@@ -1,6 +1,7 @@
 """Federated D-ADDA with Flower: weight payloads, site splits, and real server and site processes on loopback."""
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -11,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from anomalib_diffusion.federated.cli import free_port
+from anomalib_diffusion.federated.cli import free_port, main, site_threads
 from anomalib_diffusion.federated.sites import split_into_sites
 from anomalib_diffusion.federated.weights import audit_payload, load_state_arrays, state_arrays
 from anomalib_diffusion.models import DADDA
@@ -94,6 +95,10 @@ def test_simulate_trains_two_sites_and_writes_an_exportable_global_model(demo_ro
     result = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT, check=False)  # noqa: S603
     logs = "\n".join(path.read_text()[-3000:] for path in sorted((work / "logs").glob("*.log")))
     assert result.returncode == 0, result.stderr + logs
+    threads = site_threads(2)
+    assert f"({threads} CPU thread(s) each)" in result.stdout
+    for name in ("site_0", "site_1"):
+        assert f"Site process: {threads} CPU thread(s) for torch." in (work / "logs" / f"{name}.log").read_text()
     report = json.loads((work / "global.json").read_text())
     assert report["site_updates"] == 4, "2 sites x 2 rounds"
     assert report["updates_were_weights_only"]
@@ -104,6 +109,18 @@ def test_simulate_trains_two_sites_and_writes_an_exportable_global_model(demo_ro
     assert model.type_names == report["defect_types"]
     exported = model.to_openvino(tmp_path / "export")
     assert exported.is_file()
+
+
+class TestSiteThreads:
+    def test_simulated_sites_share_the_cores(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(16)), raising=False)
+        assert site_threads(2) == 8
+        assert site_threads(3) == 5
+        assert site_threads(40) == 1, "never zero threads"
+
+    def test_zero_threads_is_refused(self, tmp_path: Path) -> None:
+        with pytest.raises(SystemExit, match="--threads=0 must be 1 or more"):
+            main(["site", "--root", str(tmp_path), "--category", "brick", "--threads", "0"])
 
 
 DROPPING_SITE = textwrap.dedent(

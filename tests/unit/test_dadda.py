@@ -6,6 +6,8 @@ import pytest
 import torch
 from anomalib.data import InferenceBatch
 
+from anomalib_diffusion.augmentation import DataAugmentationModule, DefectBank, DefectPaste
+from anomalib_diffusion.augmentation.defects import DefectSamples
 from anomalib_diffusion.components import UNetConfig
 from anomalib_diffusion.data import MVTecADFewDefects
 from anomalib_diffusion.data.few_defects import defect_type_of, split_real_defects
@@ -128,6 +130,7 @@ class TestDADDAConfig:
         [
             ({"detector_steps": 0}, "detector_steps=0"),
             ({"generator_steps": 0}, "generated_fraction must be 0"),
+            ({"generator_steps": 0, "generated_fraction": 0.0}, "type_head_source must be 'dam'"),
             ({"defect_probability": 0.0}, "defect_probability=0.0"),
             ({"generated_fraction": 1.5}, "generated_fraction=1.5"),
             ({"defect_types": ["hole", "hole"]}, "lists a type twice"),
@@ -149,6 +152,88 @@ class TestDADDAConfig:
         with pytest.raises(RuntimeError, match="DADDA cannot export before it is fitted"):
             DADDA().to_onnx(tmp_path / "out")
         assert not (tmp_path / "out").exists()
+
+
+def two_type_defects(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Grey textured images with ``count`` bright red blobs ("blob") and ``count`` dark scratches ("scratch")."""
+    generator = torch.Generator().manual_seed(seed)
+    images = 0.5 + 0.05 * torch.randn(2 * count, 3, 64, 64, generator=generator)
+    masks = torch.zeros(2 * count, 1, 64, 64)
+    for index in range(2 * count):
+        top, left = (int(v) for v in torch.randint(8, 40, (2,), generator=generator))
+        if index < count:
+            masks[index, :, top : top + 12, left : left + 12] = 1
+            images[index, :, top : top + 12, left : left + 12] = torch.tensor([0.95, 0.1, 0.1])[:, None, None]
+        else:
+            masks[index, :, top : top + 3, left : left + 20] = 1
+            images[index, :, top : top + 3, left : left + 20] = 0.05
+    return images.clamp(0, 1), masks, ["blob"] * count + ["scratch"] * count
+
+
+def dadda_with_bank(type_head_source: str, defect_types: list[str] | None = None) -> DADDA:
+    """A tiny DADDA whose DAM holds "blob" and "scratch" regions (what ``on_fit_start`` builds from lent defects)."""
+    torch.manual_seed(0)
+    model = DADDA(
+        image_size=64,
+        patch_size=32,
+        block_out_channels=(8, 16),
+        generation_steps=2,
+        detector_width=8,
+        type_samples_per_type=16,
+        type_head_source=type_head_source,
+        defect_types=defect_types,
+        visualizer=False,
+    )
+    images, masks, names = two_type_defects(4, seed=0)
+    bank = DefectBank.from_images(images, masks, names)
+    model._set_type_names(bank)
+    model.dam = DataAugmentationModule(bank, paste=DefectPaste(blending="alpha"))
+    model._normal_images = (0.5 + 0.05 * torch.randn(16, 3, 64, 64)).clamp(0, 1)
+    return model
+
+
+class TestDefectTypeHead:
+    def test_the_head_beats_chance_on_held_out_pasted_defects(self) -> None:
+        """Fitted on DAM pastes of the lent defects; scored on other defects of the same two types."""
+        model = dadda_with_bank("dam")
+        model.fit_defect_type_head()
+        images, masks, names = two_type_defects(10, seed=1)
+        predicted = model.eval().model.classify_defects(images, masks)
+        truth = torch.tensor([model.type_names.index(name) for name in names])
+        accuracy = float((predicted == truth).float().mean())
+        assert accuracy >= 0.9, f"accuracy {accuracy:.2f} on two types (chance 0.5)"
+
+    def test_requested_types_get_regions_of_that_type_where_the_bank_holds_them(self) -> None:
+        model = dadda_with_bank("both", defect_types=["blob", "crack", "scratch"])
+        assert model.held_defect_types() == {0, 2}, "no crack region is held"
+        drawn: list[torch.Tensor] = []
+        forward = model.dam.forward
+
+        def recording_forward(images: torch.Tensor, defect_types: torch.Tensor | None = None) -> DefectSamples:
+            samples = forward(images, defect_types)
+            drawn.append(samples.defect_types)
+            return samples
+
+        model.dam.forward = recording_forward  # type: ignore[method-assign]
+        normals = model._normal_images[:6]
+        _, masks = model.defective_batch(normals, 1.0, 0.0, torch.tensor([2, 2, 0, 0, 1, 1]))
+        assert drawn[0][:4].tolist() == [2, 2, 0, 0]
+        assert set(drawn[0][4:].tolist()) <= {0, 2}, "an unheld type takes its mask from any held region"
+        assert masks.flatten(1).any(dim=1).all()
+
+    def test_the_generated_source_fits_every_type_and_dam_only_the_held_ones(self) -> None:
+        model = dadda_with_bank("generated", defect_types=["blob", "crack", "scratch"])
+        model.fit_defect_type_head()
+        assert model.model.type_weight[:3].abs().sum(dim=1).gt(0).all()
+        model.type_head_source = "dam"
+        model.fit_defect_type_head()
+        assert model.model.type_bias[1] == -torch.inf, "crack has no region to paste: never predicted"
+        images, masks, _ = two_type_defects(4, seed=1)
+        assert set(model.eval().model.classify_defects(images, masks).tolist()) == {0, 2}
+
+    def test_an_unknown_source_is_refused(self) -> None:
+        with pytest.raises(ValueError, match="type_head_source='real' must be"):
+            DADDA(type_head_source="real")
 
 
 class TestFewDefectsDatamodule:

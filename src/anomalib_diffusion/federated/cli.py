@@ -18,6 +18,7 @@ All three read the ``model`` (DADDA arguments), ``site`` and ``federation`` sect
 import argparse
 import importlib.util
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -70,12 +71,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     site.add_argument("--category", required=True)
     site.add_argument("--defects-per-type", type=int, default=None, help="real defects per type lent to training")
     site.add_argument("--work-dir", type=Path, default=Path("runs/federated/site"))
+    site.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     simulate = commands.add_parser("simulate", help="server and N site processes on this machine")
     simulate.add_argument("--root", type=Path, required=True, help="an MVTec AD-layout data set")
     simulate.add_argument("--category", required=True)
     simulate.add_argument("--sites", type=int, default=2)
     simulate.add_argument("--rounds", type=int, default=None)
     simulate.add_argument("--work-dir", type=Path, default=Path("runs/federated"))
+    simulate.add_argument(
+        "--threads", type=int, default=None, help="CPU threads per site process (default: the cores / --sites)"
+    )
     for sub in (server, site, simulate):
         sub.add_argument("--config", type=Path, default=None, help="federated YAML (model, site, federation)")
     return parser.parse_args(argv)
@@ -116,6 +121,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(report, indent=2))
         return 0
     if args.command == "site":
+        if args.threads is not None:
+            import torch
+
+            torch.set_num_threads(_positive_threads(args.threads))
+            print(f"Site process: {torch.get_num_threads()} CPU thread(s) for torch.", flush=True)
         from .flower import DADDASite, run_site
 
         k = args.defects_per_type if args.defects_per_type is not None else site_settings["defects_per_type"]
@@ -145,12 +155,14 @@ def simulate(args: argparse.Namespace, config: dict[str, dict[str, Any]]) -> int
     config_path = work / "federated.yaml"
     config_path.write_text(yaml.safe_dump(config))
     address = f"127.0.0.1:{free_port()}"
+    # Every site trains at once: without a share each torch would take every core and oversubscribe them.
+    threads = _positive_threads(args.threads) if args.threads is not None else site_threads(len(sites))
     base = [sys.executable, "-m", "anomalib_diffusion.federated"]
     rounds = str(args.rounds or config["federation"]["rounds"])
     server_command = [*base, "server", "--address", address, "--sites", str(len(sites)), "--rounds", rounds]
     server_command += ["--config", str(config_path), "--output", str(work / "global.ckpt"), "--defect-types", *types]
     print(
-        f"Federation of {len(sites)} sites on {address}: "
+        f"Federation of {len(sites)} sites on {address} ({threads} CPU thread(s) each): "
         + "; ".join(f"{s.name}: {', '.join(s.defect_types)}" for s in sites)
     )
     logs = work / "logs"
@@ -159,6 +171,7 @@ def simulate(args: argparse.Namespace, config: dict[str, dict[str, Any]]) -> int
     for site in sites:
         command = [*base, "site", "--address", address, "--root", str(site.root), "--category", args.category]
         command += ["--config", str(config_path), "--work-dir", str(work / "runs" / site.name)]
+        command += ["--threads", str(threads)]
         processes[site.name] = _start(command, logs / f"{site.name}.log")
     failed = _wait_all(processes, logs / "server.log", int(rounds))
     if failed:
@@ -166,6 +179,19 @@ def simulate(args: argparse.Namespace, config: dict[str, dict[str, Any]]) -> int
         return 1
     print(f"Global model: {work / 'global.ckpt'}; history: {work / 'global.json'}; logs: {logs}")
     return 0
+
+
+def site_threads(sites: int) -> int:
+    """CPU threads per simulated site so that all sites together use the machine's cores once."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, sites))
+
+
+def _positive_threads(threads: int) -> int:
+    if threads < 1:
+        msg = f"--threads={threads} must be 1 or more."
+        raise SystemExit(msg)
+    return threads
 
 
 def _wait_all(processes: dict[str, subprocess.Popen], server_log: Path, rounds: int) -> list[str]:
