@@ -175,6 +175,7 @@ def federated(root: Path, category: str, args: argparse.Namespace, settings: dic
                     name,
                     f"{metrics['image_AUROC']:.3f}",
                     f"{metrics['pixel_AUROC']:.3f}",
+                    f"{metrics['defect_type_accuracy']:.3f}" if "defect_type_accuracy" in metrics else "n/a",
                 ]
             )
     return rows
@@ -277,6 +278,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     "detector",
                     "image AUROC",
                     "pixel AUROC",
+                    "defect-type accuracy",
                 ],
                 federated_rows,
             ),
@@ -284,6 +286,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             "Both detectors of a site get the same number of local optimiser steps; the federated one in rounds "
             "(FedAvg of all sites' weights after each), with the server and the sites as separate processes on "
             "this machine. Scores use the full test split's normal images and the defect types the site never held. "
+            "Defect-type accuracy is n/a for a local-only detector: it knows only its own site's type names, so it "
+            "cannot name a type it never held. "
             "This script measures quality only (it may share the machine with other work).",
             "",
             f"- Data: offline demo set (`make_demo_dataset`, seed {args.data_seed}), MVTec AD layout, 256x256 "
