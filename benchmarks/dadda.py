@@ -14,9 +14,9 @@ Two parts, one report (``docs/benchmarks/dadda.md``) and one figure (``docs/figu
    is scored on the *full* test split restricted to the defect types that its site never saw
    (plus the normal test images): can a site detect defects it has no example of?
 
-Rerun (writes the report; about 80 minutes on 2 cores, its header gives the time it took)::
+Rerun (writes the report; about an hour on 2 cores, its header gives the time it took)::
 
-    python benchmarks/dadda.py --categories brick --steps 100 --rounds 2
+    python benchmarks/dadda.py --steps 100 --rounds 2
 
 The default (three categories, 300 steps per phase, 3 rounds) trains eight DADDA models at 256x256 and
 takes several hours on a 2-core CPU; a full run of ``--steps 240`` on one category did not finish in three.
