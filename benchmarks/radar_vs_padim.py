@@ -127,6 +127,8 @@ class OpenVINOQuality:
     pixel_auroc: float
     constant_scores: bool
     constant_maps: bool
+    scores: list[float] = field(default_factory=list)  # per test image, in the split's order
+    labels: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -363,13 +365,15 @@ def calibration_datamodule(root: Path, category: str, seed: int) -> MVTecAD:
     )
 
 
-def openvino_quality(model_path: Path, test_data: MVTecAD, label: str) -> OpenVINOQuality:
-    """Image and pixel AUROC of an OpenVINO model's outputs over the test split.
+def openvino_quality(
+    model_path: Path, test_data: MVTecAD, label: str, config: dict[str, str] = OPENVINO_CONFIG
+) -> OpenVINOQuality:
+    """Image and pixel AUROC of an OpenVINO model's outputs over the test split, compiled with ``config``.
 
     A model whose scores or maps are the same for every image gets AUROC 0.5 whatever it
     computes; that is flagged, since it means the export (here: quantisation) broke the model.
     """
-    compiled = ov.Core().compile_model(model_path, "CPU", OPENVINO_CONFIG)
+    compiled = ov.Core().compile_model(model_path, "CPU", config)
     request = compiled.create_infer_request()
     names = {name: output for output in compiled.outputs for name in output.names}
     scores, labels, maps, masks = [], [], [], []
@@ -392,6 +396,8 @@ def openvino_quality(model_path: Path, test_data: MVTecAD, label: str) -> OpenVI
         pixel_auroc=float(roc_auc_score(np.concatenate(masks), pixels)),
         constant_scores=bool(np.ptp(scores) == 0),
         constant_maps=bool(np.ptp(pixels) == 0),
+        scores=scores,
+        labels=labels,
     )
 
 

@@ -60,6 +60,7 @@ from sklearn.metrics import roc_curve
 from torchvision.transforms.v2 import Resize
 
 from anomalib_diffusion.data import make_demo_dataset
+from anomalib_diffusion.deploy import device_supports
 
 sys.path.insert(0, str(Path(__file__).parent))
 from radar_vs_padim import (  # noqa: E402
@@ -79,7 +80,14 @@ CONFIG = REPO / "configs" / "benchmark.yaml"
 REPORT = REPO / "docs" / "benchmarks.md"
 FIGURES = REPO / "docs" / "figures"
 REFERENCE = "PadimLite0"
-BACKENDS = ("torch", "OpenVINO FP32", "OpenVINO INT8")
+BACKENDS = ("torch", "OpenVINO FP32", "OpenVINO BF16", "OpenVINO INT8")
+# "OpenVINO BF16" is the FP32 export compiled with the bf16 hint: forced, so the numbers are the same on every CPU
+# that can compute in bf16 (natively, or emulated on AVX-512); a CPU without it gets no BF16 column.
+BF16_CONFIG = OPENVINO_CONFIG | {"INFERENCE_PRECISION_HINT": "bf16"}
+HAS_BF16 = device_supports("bf16")
+# Compile set-up and IR of each OpenVINO backend.
+BACKEND_CONFIG = {"OpenVINO FP32": OPENVINO_CONFIG, "OpenVINO BF16": BF16_CONFIG, "OpenVINO INT8": OPENVINO_CONFIG}
+BACKEND_EXPORT = {"OpenVINO FP32": "OpenVINO FP32", "OpenVINO BF16": "OpenVINO FP32", "OpenVINO INT8": "OpenVINO INT8"}
 # Exports take 256x256 images (static height and width: anomalib's INT8_PTQ needs a static input shape);
 # the pre-processors inside the graphs resize to each model's own size.
 INPUT_SIZE = (256, 256)
@@ -144,6 +152,9 @@ class Deployment:
     latency_ms: dict[str, float]
     quality: dict[str, tuple[float, float]]  # backend -> (image AUROC, pixel AUROC)
     peak_rss_mb: dict[str, float]
+    score_gap: dict[str, float] = field(default_factory=dict)  # backend -> largest |score - torch score|
+    label_flips: dict[str, int] = field(default_factory=dict)  # backend -> images labelled otherwise than by torch
+    test_images: int = 0
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -367,17 +378,20 @@ def deploy(
     deployments = {}
     for name, (model, runner) in models.items():
         exports, note = export(model, runner, name, root, category, seed, work / "exports" / name)
-        quality = {
-            backend: tuple(vars(openvino_quality(exports[backend], test_data, f"{name} {backend}")).values())[:2]
-            for backend in ("OpenVINO FP32", "OpenVINO INT8")
-            if backend in exports
+        reference = torch_scores(model, test_data)
+        deployment = Deployment(exports, note, {}, {}, {}, test_images=len(reference))
+        for backend in openvino_backends(exports):
+            quality = openvino_quality(
+                exports[BACKEND_EXPORT[backend]], test_data, f"{name} {backend}", BACKEND_CONFIG[backend]
+            )
+            deployment.quality[backend] = (quality.image_auroc, quality.pixel_auroc)
+            deployment.score_gap[backend] = float(np.abs(np.asarray(quality.scores) - reference).max())
+            # anomalib's post-processor puts every model's normalised image threshold at 0.5.
+            deployment.label_flips[backend] = int(((np.asarray(quality.scores) >= 0.5) != (reference >= 0.5)).sum())  # noqa: PLR2004
+        deployment.peak_rss_mb = {
+            backend: peak_rss_mb(exports[backend]) for backend in ("OpenVINO FP32", "OpenVINO INT8") if backend in exports
         }
-        memory = {
-            backend: peak_rss_mb(exports[backend])
-            for backend in ("OpenVINO FP32", "OpenVINO INT8")
-            if backend in exports
-        }
-        deployments[name] = Deployment(exports, note, {}, quality, memory)
+        deployments[name] = deployment
     core = ov.Core()
     for backend in BACKENDS:  # all models back to back within a backend, so the ratios compare like with like
         for name, deployment in deployments.items():
@@ -388,8 +402,9 @@ def deploy(
                     with torch.inference_mode():
                         return model(image)
 
-            elif backend in deployment.exports:
-                request = core.compile_model(deployment.exports[backend], "CPU", OPENVINO_CONFIG).create_infer_request()
+            elif backend in openvino_backends(deployment.exports):
+                compiled = core.compile_model(deployment.exports[BACKEND_EXPORT[backend]], "CPU", BACKEND_CONFIG[backend])
+                request = compiled.create_infer_request()
 
                 def call(request: ov.InferRequest = request) -> object:
                     return request.infer({0: image.numpy()})
@@ -399,6 +414,24 @@ def deploy(
             times = time_runs(call, args.warmup_runs, args.latency_runs, f"{name} {backend}")
             deployment.latency_ms[backend] = statistics.median(times)
     return deployments
+
+
+def openvino_backends(exports: dict[str, Path]) -> list[str]:
+    """The OpenVINO backends this run measures for a model with these exports."""
+    return [
+        backend
+        for backend in BACKEND_CONFIG
+        if BACKEND_EXPORT[backend] in exports and (backend != "OpenVINO BF16" or HAS_BF16)
+    ]
+
+
+def torch_scores(model: AnomalibModule, test_data: MVTecAD) -> np.ndarray:
+    """The torch model's normalised image scores over the test split, in the split's order (batch of one)."""
+    model.eval()
+    with torch.inference_mode():
+        return np.array(
+            [float(model(item.image[None]).pred_score.reshape(-1)[0]) for item in test_data.test_data], dtype=np.float64
+        )
 
 
 # -- the page ------------------------------------------------------------------------------------------------------
@@ -484,6 +517,44 @@ def int8_table(deployments: dict[str, Deployment]) -> str:
                 fmt(int8[1]),
                 fmt(delta[1]),
                 deployment.int8_note or "",
+            ]
+        )
+    return markdown_table(header, rows)
+
+
+def precision_table(deployments: dict[str, Deployment]) -> str:
+    """f32 against bf16 for every model: speed, accuracy, and how far the scores move from torch's."""
+    header = [
+        "model",
+        "FP32 ms",
+        "BF16 ms",
+        "BF16 speed-up",
+        "image AUROC FP32",
+        "image AUROC BF16",
+        "pixel AUROC FP32",
+        "pixel AUROC BF16",
+        "max |Δ score| FP32",
+        "max |Δ score| BF16",
+        "labels changed BF16",
+    ]
+    rows = []
+    for name, deployment in deployments.items():
+        fp32, bf16 = (deployment.latency_ms.get(backend) for backend in ("OpenVINO FP32", "OpenVINO BF16"))
+        quality = {backend: deployment.quality.get(backend, (None, None)) for backend in ("OpenVINO FP32", "OpenVINO BF16")}
+        flips = deployment.label_flips.get("OpenVINO BF16")
+        rows.append(
+            [
+                name,
+                fmt(fp32, 1),
+                fmt(bf16, 1),
+                fmt(fp32 / bf16, 2) if fp32 and bf16 else "–",
+                fmt(quality["OpenVINO FP32"][0]),
+                fmt(quality["OpenVINO BF16"][0]),
+                fmt(quality["OpenVINO FP32"][1]),
+                fmt(quality["OpenVINO BF16"][1]),
+                fmt(deployment.score_gap.get("OpenVINO FP32"), 4),
+                fmt(deployment.score_gap.get("OpenVINO BF16"), 4),
+                "–" if flips is None else f"{flips} of {deployment.test_images}",
             ]
         )
     return markdown_table(header, rows)
@@ -598,10 +669,26 @@ def render(
             else "",
             f"Median of {args.latency_runs} runs after {args.warmup_runs} warm-up runs; all models run back to back "
             "within each backend. torch: `model(image)` under `torch.inference_mode` (pre-processing, network, "
-            "post-processing). OpenVINO INT8: NNCF post-training quantisation through `anomalib export "
-            "--compression_type INT8_PTQ`, calibrated on normal training images.",
+            "post-processing). OpenVINO FP32 / BF16: the FP32 export compiled in f32 / forced bf16 (next section). "
+            "OpenVINO INT8: NNCF post-training quantisation through `anomalib export --compression_type INT8_PTQ`, "
+            "calibrated on normal training images, compiled with the f32 hint for the layers left in float.",
             "",
             show("latency"),
+            "",
+            f"## FP32 or BF16 ({first})",
+            "",
+            precision_table(deployments)
+            if HAS_BF16
+            else "This CPU cannot compute in bf16 (OpenVINO's `OPTIMIZATION_CAPABILITIES` lacks `BF16`): no BF16 column.\n\n"
+            + precision_table(deployments),
+            "",
+            "OpenVINO's CPU plugin computes an f32 model in bf16 on CPUs with native bf16 (Intel Xeon from Sapphire "
+            "Rapids on, AMD Zen 4) unless told otherwise. Here FP32 is compiled with `INFERENCE_PRECISION_HINT=f32` and "
+            "BF16 with `INFERENCE_PRECISION_HINT=bf16` (forced, the same on every CPU that has bf16), both from the same "
+            "FP32 export. max |Δ score|: the largest difference between the OpenVINO model's normalised image score and "
+            "the torch model's on the same test image (the threshold is 0.5); labels changed: test images whose "
+            "decision differs from torch's. This package's inference paths compile in f32 unless asked "
+            "([deployment.md](deployment.md#precision-f32-by-default-bf16-on-request)).",
             "",
             f"## Accuracy lost by INT8 ({first})",
             "",

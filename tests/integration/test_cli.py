@@ -6,9 +6,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
+from anomalib_diffusion.models import RADAR
 from tests.conftest import TINY_DADDA, TINY_GLAD, TINY_RADAR
+from tests.helpers import image_tensor
 
 BIN = Path(sys.executable).parent
 
@@ -61,7 +64,8 @@ def cli_checkpoint(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) ->
 def test_cli_export_and_openvino_predict_write_an_overlay(
     cli_checkpoint: Path, demo_root: Path, tmp_path: Path
 ) -> None:
-    run(
+    """As the README and docs/deployment.md show it: export prints the f32 line, predict gives torch's score."""
+    exported = run(
         [
             str(BIN / "anomalib"),
             "export",
@@ -77,6 +81,7 @@ def test_cli_export_and_openvino_predict_write_an_overlay(
         cwd=tmp_path,
     )
     model_xml = next((tmp_path / "export").rglob("model.xml"))
+    assert "config={'INFERENCE_PRECISION_HINT': 'f32'}" in exported.stdout + exported.stderr
     image = sorted((demo_root / "brick" / "test" / "scratch").glob("*.png"))[0]
     result = run(
         [
@@ -90,7 +95,11 @@ def test_cli_export_and_openvino_predict_write_an_overlay(
         ],
         cwd=tmp_path,
     )
-    assert "score=" in result.stdout
+    printed = float(result.stdout.split("score=")[1].split()[0])
+    model = RADAR.load_from_checkpoint(cli_checkpoint).eval()
+    with torch.no_grad():
+        expected = float(model(image_tensor([image])).pred_score[0])
+    assert printed == pytest.approx(expected, abs=2e-4)  # printed to 4 decimals, computed in f32
     overlay = tmp_path / "predictions" / f"{image.stem}_overlay.png"
     from PIL import Image
 

@@ -8,8 +8,8 @@ import torch
 from anomalib.deploy import ExportType
 
 from anomalib_diffusion.models import DADDA
-from tests.conftest import TINY_DADDA, TrainedModel, few_defects_datamodule, tiny_datamodule, train_tiny
-from tests.integration.test_radar_end_to_end import assert_openvino_matches_torch, demo_test_images, image_tensor
+from tests.conftest import REFERENCE_DADDA, TINY_DADDA, TrainedModel, few_defects_datamodule, tiny_datamodule, train_tiny
+from tests.helpers import assert_openvino_matches_torch, demo_test_images, image_tensor
 
 DEMO_TYPES = ["contamination", "hole", "scratch", "stain"]
 
@@ -17,7 +17,7 @@ DEMO_TYPES = ["contamination", "hole", "scratch", "stain"]
 def test_fit_learns_the_lent_defect_types_and_fits_the_head(trained_dadda: TrainedModel) -> None:
     model = trained_dadda.model
     assert model.is_fitted()
-    assert model.global_step == TINY_DADDA["generator_steps"] + TINY_DADDA["detector_steps"]
+    assert model.global_step == REFERENCE_DADDA["generator_steps"] + REFERENCE_DADDA["detector_steps"]
     assert model.type_names == DEMO_TYPES
     assert int(model.model.type_count) == 4
     assert model.model.type_weight[:4].abs().sum(dim=1).gt(0).all(), "every lent type has a row in the head"
@@ -67,13 +67,6 @@ def test_defect_types_missing_a_lent_type_are_refused(demo_root: Path, tmp_path:
     model = DADDA(**(TINY_DADDA | {"defect_types": ["hole", "scratch"]}))
     with pytest.raises(ValueError, match=r"types \['contamination', 'stain'\] that are not in defect_types"):
         train_tiny(model, demo_root, tmp_path, few_defects_datamodule(demo_root))
-
-
-@pytest.fixture(scope="module")
-def dadda_openvino(trained_dadda: TrainedModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return trained_dadda.engine.export(
-        model=trained_dadda.model, export_type=ExportType.OPENVINO, export_root=tmp_path_factory.mktemp("dadda_ov")
-    )
 
 
 def test_openvino_matches_torch_on_real_images(

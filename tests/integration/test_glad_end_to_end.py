@@ -8,35 +8,48 @@ import pytest
 import torch
 from anomalib.deploy import CompressionType, ExportType, OpenVINOInferencer
 
+from anomalib_diffusion.deploy import compile_config
 from anomalib_diffusion.models import GLAD
-from tests.conftest import TINY_GLAD, TrainedModel, tiny_datamodule
-from tests.integration.test_radar_end_to_end import (
+from tests.conftest import REFERENCE_GLAD, TrainedModel, tiny_datamodule
+from tests.helpers import (
     assert_openvino_matches_torch,
+    compile_openvino,
     demo_test_images,
     image_tensor,
     openvino_anomaly_maps,
 )
 
-F32 = {"INFERENCE_PRECISION_HINT": "f32"}
-
 
 def test_fit_calibrates_on_held_out_training_images(trained_glad: TrainedModel) -> None:
     model = trained_glad.model
     assert model.is_fitted()
-    assert model.global_step == TINY_GLAD["max_steps"]
+    assert model.global_step == REFERENCE_GLAD["max_steps"]
     assert torch.isfinite(model.model.tau).all()
     assert (model.model.ramp_high > model.model.ramp_low).all()
     train_paths = {str(path) for path in trained_glad.datamodule.train_data.samples["image_path"]}
     assert model._holdout_paths
     assert model._holdout_paths < train_paths  # 2 of the 8 normal training images, never a test image
-    assert len(model._holdout_paths) == round(TINY_GLAD["calibration_fraction"] * len(train_paths))
+    assert len(model._holdout_paths) == round(REFERENCE_GLAD["calibration_fraction"] * len(train_paths))
 
 
-def test_inference_uses_the_ema_weights(trained_glad: TrainedModel) -> None:
-    model = trained_glad.model.model
-    trained = dict(model.unet.named_parameters())
-    differing = [name for name, value in model.ema_unet.named_parameters() if not torch.equal(value, trained[name])]
+def test_inference_uses_the_ema_weights(trained_glad: TrainedModel, demo_root: Path) -> None:
+    """Changing the optimised weights leaves the output alone; changing the EMA copy changes it."""
+    model = copy.deepcopy(trained_glad.model).eval()
+    network = model.model
+    trained = dict(network.unet.named_parameters())
+    differing = [name for name, value in network.ema_unet.named_parameters() if not torch.equal(value, trained[name])]
     assert differing, "after training the EMA copy must differ from the optimised weights"
+    images = image_tensor(demo_test_images(demo_root, limit=2))
+    with torch.no_grad():
+        reference = network(images)
+        for parameter in network.unet.parameters():
+            parameter.add_(0.5)
+        unchanged = network(images)
+        for parameter in network.ema_unet.parameters():
+            parameter.add_(0.5)
+        changed = network(images)
+    torch.testing.assert_close(unchanged.anomaly_map, reference.anomaly_map, rtol=0, atol=0)
+    assert (changed.anomaly_map - reference.anomaly_map).abs().amax() > 1e-3
 
 
 def test_test_reports_metrics(trained_glad: TrainedModel) -> None:
@@ -64,17 +77,10 @@ def test_a_radar_checkpoint_is_refused_by_name(trained_radar: TrainedModel) -> N
 def test_a_checkpoint_with_other_adaptive_settings_names_them(trained_glad: TrainedModel, demo_root: Path) -> None:
     with pytest.raises(ValueError, match="min_timestep=300.*min_timestep=200"):
         trained_glad.engine.test(
-            model=GLAD(**(TINY_GLAD | {"min_timestep": 200})),
+            model=GLAD(**(REFERENCE_GLAD | {"min_timestep": 200})),
             datamodule=tiny_datamodule(demo_root),
             ckpt_path=trained_glad.checkpoint,
         )
-
-
-@pytest.fixture(scope="module")
-def glad_openvino(trained_glad: TrainedModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return trained_glad.engine.export(
-        model=trained_glad.model, export_type=ExportType.OPENVINO, export_root=tmp_path_factory.mktemp("glad_ov")
-    )
 
 
 def test_openvino_matches_torch_on_real_images(
@@ -84,9 +90,7 @@ def test_openvino_matches_torch_on_real_images(
 
 
 def test_per_sample_step_decisions_survive_export(trained_glad: TrainedModel, demo_root: Path, tmp_path: Path) -> None:
-    """With tau between the images' discrepancies, some cross and some do not, in torch and in OpenVINO alike."""
-    import openvino as ov
-
+    """With tau between the images' discrepancies, some cross and some do not, in torch and in OpenVINO (f32) alike."""
     model = copy.deepcopy(trained_glad.model).eval()
     images = image_tensor(demo_test_images(demo_root))
     with torch.no_grad():
@@ -95,7 +99,7 @@ def test_per_sample_step_decisions_survive_export(trained_glad: TrainedModel, de
         chosen = model.model.reconstruct(model.model.pad(images * 2 - 1)).chosen_timestep
         expected = model(images)
     assert set(chosen.tolist()) >= {0.0, 400.0}, "the test needs images on both sides of tau"
-    compiled = ov.Core().compile_model(model.to_openvino(tmp_path), "CPU", F32)
+    compiled = compile_openvino(model.to_openvino(tmp_path), "f32")
     for index in range(images.shape[0]):
         outputs = compiled(images[index : index + 1].numpy())
         result = {name: outputs[output] for output in compiled.outputs for name in output.names}
@@ -107,7 +111,7 @@ def test_openvino_inferencer_predicts_on_an_image_file(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     path = demo_test_images(demo_root)[-1]
-    prediction = OpenVINOInferencer(glad_openvino, device="CPU").predict(path)
+    prediction = OpenVINOInferencer(glad_openvino, device="CPU", config=compile_config("f32")).predict(path)
     with torch.no_grad():
         expected = trained_glad.model(image_tensor([path]))
     np.testing.assert_allclose(prediction.pred_score, expected.pred_score.numpy(), atol=1e-4)

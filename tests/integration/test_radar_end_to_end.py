@@ -5,52 +5,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from anomalib.data.utils import read_image
 from anomalib.deploy import CompressionType, ExportType, OpenVINOInferencer
 
+from anomalib_diffusion.deploy import compile_config
 from anomalib_diffusion.models import RADAR
-from tests.conftest import TINY_RADAR, TrainedModel, tiny_datamodule
-
-
-def demo_test_images(root: Path, limit: int = 6) -> list[Path]:
-    paths = sorted((root / "brick" / "test").rglob("*.png"))
-    return [paths[i] for i in np.linspace(0, len(paths) - 1, limit).astype(int)]
-
-
-def image_tensor(paths: list[Path]) -> torch.Tensor:
-    return torch.stack([read_image(path, as_tensor=True) for path in paths])
-
-
-def assert_openvino_matches_torch(model: torch.nn.Module, exported: Path, images: torch.Tensor) -> None:
-    """An exported model (OpenVINO IR or ONNX, compiled FP32) gives torch's pred_score and anomaly_map to 1e-4, per image."""
-    import openvino as ov
-
-    compiled = ov.Core().compile_model(exported, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-    with torch.no_grad():
-        expected = model(images)
-    for index in range(images.shape[0]):
-        outputs = compiled(images[index : index + 1].numpy())
-        result = {name: outputs[output] for output in compiled.outputs for name in output.names}
-        for key in ("pred_score", "anomaly_map"):
-            np.testing.assert_allclose(result[key], getattr(expected, key)[index : index + 1].numpy(), atol=1e-4)
-
-
-def openvino_anomaly_maps(model_paths: dict[str, Path], images: torch.Tensor) -> dict[str, np.ndarray]:
-    """Each exported model's ``anomaly_map`` of every image (one per call, FP32), keyed as ``model_paths``."""
-    import openvino as ov
-
-    core = ov.Core()
-    maps = {}
-    for name, model_path in model_paths.items():
-        compiled = core.compile_model(model_path, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-        output = next(port for port in compiled.outputs if "anomaly_map" in port.names)
-        maps[name] = np.concatenate([compiled(images[i : i + 1].numpy())[output] for i in range(images.shape[0])])
-    return maps
+from tests.conftest import REFERENCE_RADAR, TrainedModel, tiny_datamodule
+from tests.helpers import (
+    compile_openvino,
+    demo_test_images,
+    image_tensor,
+    openvino_anomaly_maps,
+    openvino_outputs,
+)
 
 
 def test_fit_fits_the_forest_and_test_reports_metrics(trained_radar: TrainedModel) -> None:
     assert trained_radar.model.is_fitted()
-    assert trained_radar.model.global_step == TINY_RADAR["max_steps"]
+    assert trained_radar.model.global_step == REFERENCE_RADAR["max_steps"]
     results = trained_radar.engine.test(model=trained_radar.model, datamodule=trained_radar.datamodule)
     assert set(results[0]) >= {"image_AUROC", "image_F1Score", "pixel_AUROC", "pixel_F1Score"}
     assert all(0.0 <= value <= 1.0 for value in results[0].values())
@@ -80,7 +51,7 @@ def test_checkpoint_round_trip_restores_unet_forest_and_thresholds(
 
 def test_checkpoint_round_trip_through_engine_test(trained_radar: TrainedModel, demo_root: Path) -> None:
     results = trained_radar.engine.test(
-        model=RADAR(**TINY_RADAR),
+        model=RADAR(**REFERENCE_RADAR),
         datamodule=tiny_datamodule(demo_root),
         ckpt_path=trained_radar.checkpoint,
     )
@@ -89,32 +60,24 @@ def test_checkpoint_round_trip_through_engine_test(trained_radar: TrainedModel, 
     assert results[0]["pixel_AUROC"] == pytest.approx(reference[0]["pixel_AUROC"])
 
 
-@pytest.fixture(scope="module")
-def openvino_model(trained_radar: TrainedModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    export_root = tmp_path_factory.mktemp("export")
-    return trained_radar.engine.export(
-        model=trained_radar.model, export_type=ExportType.OPENVINO, export_root=export_root
-    )
+@pytest.fixture
+def openvino_model(radar_openvino: Path) -> Path:
+    return radar_openvino
 
 
 def test_openvino_matches_torch_on_real_images(
     trained_radar: TrainedModel, demo_root: Path, openvino_model: Path
 ) -> None:
-    import openvino as ov
-
+    """Compiled in f32: scores and maps to 1e-4, labels equal except within 1e-4 of the threshold."""
     images = image_tensor(demo_test_images(demo_root))
-    compiled = ov.Core().compile_model(openvino_model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     with torch.no_grad():
         expected = trained_radar.model(images)
-    for index in range(images.shape[0]):
-        outputs = compiled(images[index : index + 1].numpy())
-        result = {name: outputs[output] for output in compiled.outputs for name in output.names}
-        np.testing.assert_allclose(result["pred_score"], expected.pred_score[index : index + 1].numpy(), atol=1e-4)
-        np.testing.assert_allclose(result["anomaly_map"], expected.anomaly_map[index : index + 1].numpy(), atol=1e-4)
-        # Labels must agree except for a score within the tolerance of the threshold itself.
-        threshold = float(trained_radar.model.post_processor.normalized_image_threshold)
-        if abs(float(expected.pred_score[index]) - threshold) > 1e-4:
-            np.testing.assert_array_equal(result["pred_label"], expected.pred_label[index : index + 1].numpy())
+    result = openvino_outputs(compile_openvino(openvino_model, "f32"), images)
+    np.testing.assert_allclose(result["pred_score"], expected.pred_score.numpy(), atol=1e-4)
+    np.testing.assert_allclose(result["anomaly_map"], expected.anomaly_map.numpy(), atol=1e-4)
+    threshold = float(trained_radar.model.post_processor.normalized_image_threshold)
+    clear = (expected.pred_score - threshold).abs().numpy() > 1e-4
+    np.testing.assert_array_equal(result["pred_label"][clear], expected.pred_label.numpy()[clear])
 
 
 def test_openvino_inferencer_predicts_on_an_image_file(
@@ -126,7 +89,7 @@ def test_openvino_inferencer_predicts_on_an_image_file(
 ) -> None:
     monkeypatch.chdir(tmp_path)  # the inferencer writes its cache into the working directory
     path = demo_test_images(demo_root)[-1]
-    prediction = OpenVINOInferencer(openvino_model, device="CPU").predict(path)
+    prediction = OpenVINOInferencer(openvino_model, device="CPU", config=compile_config("f32")).predict(path)
     with torch.no_grad():
         expected = trained_radar.model(image_tensor([path]))
     np.testing.assert_allclose(prediction.pred_score, expected.pred_score.numpy(), atol=1e-4)
@@ -134,18 +97,14 @@ def test_openvino_inferencer_predicts_on_an_image_file(
 
 
 def test_onnx_export_runs_in_openvino(trained_radar: TrainedModel, demo_root: Path, tmp_path: Path) -> None:
-    import openvino as ov
-
     onnx_path = trained_radar.engine.export(
         model=trained_radar.model, export_type=ExportType.ONNX, export_root=tmp_path
     )
     assert onnx_path.suffix == ".onnx"
-    compiled = ov.Core().compile_model(onnx_path, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     image = image_tensor(demo_test_images(demo_root)[:1])
     with torch.no_grad():
         expected = trained_radar.model(image)
-    outputs = compiled(image.numpy())
-    scores = next(outputs[output] for output in compiled.outputs if "pred_score" in output.names)
+    scores = openvino_outputs(compile_openvino(onnx_path, "f32"), image)["pred_score"]
     np.testing.assert_allclose(scores, expected.pred_score.numpy(), atol=1e-4)
 
 
@@ -161,8 +120,7 @@ def test_int8_quantises_the_unet_and_keeps_the_scoring_head_working(
         compression_type=CompressionType.INT8_PTQ,
         datamodule=tiny_datamodule(demo_root),
     )
-    core = ov.Core()
-    quantised_ops = [op for op in core.read_model(path).get_ops() if op.get_type_name() == "FakeQuantize"]
+    quantised_ops = [op for op in ov.Core().read_model(path).get_ops() if op.get_type_name() == "FakeQuantize"]
     assert len(quantised_ops) > 10, "the U-Net's convolutions must be quantised"
     maps = openvino_anomaly_maps(
         {"int8": path, "fp32": openvino_model}, image_tensor(demo_test_images(demo_root, limit=8))
@@ -247,7 +205,7 @@ def test_plain_openvino_runtime_without_torch_matches_the_inferencer(
     rows = (tmp_path / "scores.csv").read_text().splitlines()
     assert rows[0] == "path,pred_score,pred_label"
     assert [Path(row.split(",")[0]).name for row in rows[1:]] == ["0.png", "1.png", "2.png"]
-    inferencer = OpenVINOInferencer(openvino_model, device="CPU")
+    inferencer = OpenVINOInferencer(openvino_model, device="CPU", config=compile_config("f32"))
     for row in rows[1:]:
         path, score, label = row.split(",")
         expected = inferencer.predict(Path(path))
@@ -261,7 +219,8 @@ def test_plain_openvino_runtime_maps_and_bad_input(demo_root: Path, openvino_mod
     detector = OpenVINODetector(openvino_model)
     path = demo_test_images(demo_root)[-1]
     prediction = detector.predict_file(path)
-    expected = OpenVINOInferencer(openvino_model, device="CPU").predict(path)
+    expected = OpenVINOInferencer(openvino_model, device="CPU", config=compile_config("f32")).predict(path)
+    assert detector.precision == "f32", "the runtime's default is the validated precision"
     np.testing.assert_allclose(prediction.anomaly_map, expected.anomaly_map.reshape(64, 64), atol=1e-5)
     uint8 = (read_image(path) * 255).round().astype(np.uint8)
     assert detector.predict(uint8).pred_score == pytest.approx(prediction.pred_score, abs=1e-3)
@@ -276,26 +235,26 @@ def test_plain_openvino_runtime_maps_and_bad_input(demo_root: Path, openvino_mod
 def test_plain_openvino_runtime_watch_scores_files_once_they_are_complete(
     demo_root: Path, openvino_model: Path, tmp_path: Path
 ) -> None:
-    import threading
-
-    from anomalib_diffusion.deploy.openvino_runtime import OpenVINODetector, watch
+    """A file still growing at a poll is left for a later poll; the test drives the polls, no timing involved."""
+    from anomalib_diffusion.deploy.openvino_runtime import OpenVINODetector, Prediction, watch
 
     folder = tmp_path / "camera"
     folder.mkdir()
     source = demo_test_images(demo_root)[0].read_bytes()
     (folder / "first.png").write_bytes(source)
-    seen: list[str] = []
+    (folder / "second.png").write_bytes(source[: len(source) // 2])  # a copy in progress
+    polls: list[float] = []
+    seen: list[Prediction] = []
 
-    def drop_second_file_in_two_parts() -> None:
-        with (folder / "second.png").open("wb") as file:
-            file.write(source[: len(source) // 2])
-            file.flush()
-            threading.Event().wait(0.3)  # a poll in between sees it growing and must not read it yet
-            file.write(source[len(source) // 2 :])
+    def between_polls(interval: float) -> None:
+        polls.append(interval)
+        if len(polls) == 1:  # the copy finishes after the first poll saw it half-written
+            (folder / "second.png").write_bytes(source)
 
-    writer = threading.Thread(target=drop_second_file_in_two_parts)
-    writer.start()
-    handled = watch(OpenVINODetector(openvino_model), folder, lambda p: seen.append(p.path.name), 1.0, max_images=2)
-    writer.join()
+    detector = OpenVINODetector(openvino_model)
+    handled = watch(detector, folder, seen.append, 5.0, max_images=2, sleep=between_polls)
     assert handled == 2
-    assert seen == ["first.png", "second.png"]
+    assert [prediction.path.name for prediction in seen] == ["first.png", "second.png"]
+    # Poll 1 records both sizes, poll 2 scores first.png (unchanged) and sees second.png grown, poll 3 scores it.
+    assert polls == [5.0, 5.0]
+    assert seen[1].pred_score == seen[0].pred_score, "second.png was scored whole: the same bytes as first.png"

@@ -1,5 +1,6 @@
 """A training run interrupted mid-way resumes from its checkpoint and ends with the same model."""
 
+import copy
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -10,13 +11,21 @@ from lightning import seed_everything
 
 from anomalib_diffusion.components.resume import RESUME_FILE_NAME
 from anomalib_diffusion.models import DADDA, GLAD, RADAR
-from tests.conftest import TINY_DADDA, TINY_GLAD, TINY_RADAR, few_defects_datamodule, tiny_datamodule
+from tests.conftest import (
+    REFERENCE_DADDA,
+    REFERENCE_GLAD,
+    REFERENCE_RADAR,
+    TrainedModel,
+    few_defects_datamodule,
+    tiny_datamodule,
+)
 
-# 8 training images in batches of 4: two optimiser steps per epoch (DADDA's 4 + 4 phase steps make 8 in all).
+# The settings of the suite's shared trained models (tests/conftest.py), which are the uninterrupted runs here.
+# 8 training images in batches of 4: two optimiser steps per epoch.
 TINY = {
-    "RADAR": (RADAR, {**TINY_RADAR, "max_steps": 8}),
-    "GLAD": (GLAD, {**TINY_GLAD, "max_steps": 8}),
-    "DADDA": (DADDA, {**TINY_DADDA, "generator_steps": 4, "detector_steps": 4}),
+    "RADAR": (RADAR, REFERENCE_RADAR),
+    "GLAD": (GLAD, REFERENCE_GLAD),
+    "DADDA": (DADDA, REFERENCE_DADDA),
 }
 
 
@@ -67,12 +76,17 @@ def state(engine: Engine) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("name", list(TINY))
-def test_interrupted_training_resumes_to_the_same_model(name: str, demo_root: Path, tmp_path: Path) -> None:
-    reference = fit(name, demo_root, tmp_path / "uninterrupted")
-    steps = reference.trainer.global_step
-    assert not list((tmp_path / "uninterrupted").rglob(RESUME_FILE_NAME)), "a completed run keeps no resume file"
+def test_interrupted_training_resumes_to_the_same_model(
+    name: str, demo_root: Path, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Against the suite's shared uninterrupted run (conftest's ``train_reference``: the same seed and settings)."""
+    reference: TrainedModel = request.getfixturevalue(f"trained_{name.lower()}")
+    steps = reference.engine.trainer.global_step
+    model_class, settings = TINY[name]
+    assert steps == model_class(**settings).max_steps
+    assert not list(reference.root.rglob(RESUME_FILE_NAME)), "a completed run keeps no resume file"
 
-    crash_step = steps // 2 + 1  # mid-epoch: the last epoch-end checkpoint is one step earlier
+    crash_step = steps // 2 | 1  # odd, so mid-epoch: the last epoch-end checkpoint is one step earlier
     with pytest.raises(SimulatedCrashError):
         fit(name, demo_root, tmp_path / "crashed", callbacks=[CrashAtStep(crash_step)])
     resume_files = list((tmp_path / "crashed").rglob(RESUME_FILE_NAME))
@@ -83,15 +97,17 @@ def test_interrupted_training_resumes_to_the_same_model(name: str, demo_root: Pa
 
     resumed = fit(name, demo_root, tmp_path / "resumed", ckpt_path=resume_files[0])
     assert resumed.trainer.global_step == steps
-    expected, actual = state(reference), state(resumed)
+    expected, actual = reference.state, state(resumed)
     assert expected.keys() == actual.keys()
     differing = [key for key in expected if not torch.equal(actual[key], expected[key])]
     assert not differing, f"{name}: {len(differing)} tensors differ, first {differing[:8]}"
+    original = copy.deepcopy(reference.model)
+    original.load_state_dict(reference.state)
     data = datamodule(name, demo_root)
     data.setup()
     batch = next(iter(data.test_dataloader()))
     with torch.no_grad():
-        first = reference.model.eval()(batch.image)
+        first = original.eval()(batch.image)
         second = resumed.model.eval()(batch.image)
     torch.testing.assert_close(second.anomaly_map, first.anomaly_map, rtol=0, atol=0)
     torch.testing.assert_close(second.pred_score, first.pred_score, rtol=0, atol=0)

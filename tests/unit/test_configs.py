@@ -71,3 +71,31 @@ def test_benchmark_config_builds_every_model_with_a_bounded_budget() -> None:
         bounded = getattr(model, "max_steps", None) or model.trainer_arguments.get("max_epochs")
         assert bounded, f"{entry['class_path']} would train for Lightning's default 1000 epochs"
     assert config["benchmark"]["data"]["class_path"] == "MVTecAD"
+
+
+@pytest.mark.parametrize("name", ["radar.yaml", "glad.yaml", "dadda.yaml"])
+def test_shipped_configs_never_threshold_on_test_labels(name: str) -> None:
+    data = yaml.safe_load((CONFIGS / name).read_text())["data"]["init_args"]
+    assert data["val_split_mode"] == "synthetic"
+
+
+def test_benchmark_config_never_thresholds_on_test_labels() -> None:
+    data = yaml.safe_load((CONFIGS / "benchmark.yaml").read_text())["benchmark"]["data"]["init_args"]
+    assert data["val_split_mode"] == "synthetic"
+
+
+@pytest.mark.parametrize(("mode", "warned"), [("same_as_test", True), ("from_test", True), ("synthetic", False)])
+def test_fitting_says_when_thresholds_would_come_from_test_labels(
+    mode: str, warned: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    from types import SimpleNamespace
+
+    from anomalib.data.utils import ValSplitMode
+
+    from anomalib_diffusion.components.lightning import warn_if_validating_on_test_labels
+
+    with caplog.at_level("WARNING"):
+        warn_if_validating_on_test_labels(SimpleNamespace(val_split_mode=ValSplitMode(mode)), "RADAR")
+    assert ("fitted on test labels" in caplog.text) is warned
+    if warned:
+        assert "--data.val_split_mode synthetic" in caplog.text

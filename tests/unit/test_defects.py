@@ -112,7 +112,9 @@ class TestTransforms:
         torch.manual_seed(0)
         cutout = DefectCutout(torch.rand(3, 24, 24), torch.ones(1, 24, 24), 0)
         varied = [MaskVariation()(cutout) for _ in range(6)]
-        assert len({tuple(v.mask.shape) for v in varied} | {v.mask.sum().item() for v in varied}) > 1
+        outlines = {(tuple(v.mask.shape), v.mask.sum().item()) for v in varied}
+        assert len(outlines) > 1, "six variations gave one outline"
+        assert any(v.mask.shape != cutout.mask.shape or not torch.equal(v.mask, cutout.mask) for v in varied)
         for variant in varied:
             assert set(variant.mask.unique().tolist()) <= {0.0, 1.0}
             assert variant.patch.shape[-2:] == variant.mask.shape[-2:]

@@ -153,7 +153,8 @@ class TestAdaptiveReconstruction:
         with torch.no_grad():
             fused = adaptive.reconstruct(batch).reconstruction
             generated = plain.reconstruct(batch).reconstruction
-        assert not torch.allclose(fused, generated)
+        distance_to_input = lambda reconstruction: (reconstruction - batch).abs().mean(dim=(1, 2, 3))  # noqa: E731
+        assert (distance_to_input(fused) < distance_to_input(generated)).all()
 
     def test_recording_returns_one_map_per_search_step(self) -> None:
         with torch.no_grad():

@@ -8,6 +8,11 @@ shape ``(1, 3, H, W)``, and it returns ``pred_score``, ``pred_label``, ``anomaly
 is there, for a progress bar), so it can be copied on its own to an edge machine that has
 ``pip install openvino pillow numpy`` and nothing else.
 
+**Precision.** OpenVINO's CPU plugin computes an f32 model in bf16 on CPUs that have bf16 (Intel Xeon
+from Sapphire Rapids on, AMD Zen 4) unless told otherwise, and the scores then differ from those of
+the model that was validated, enough to flip decisions near the threshold. Everything here compiles
+in f32 by default (:func:`compile_config`); bf16 or f16 is an explicit opt-in (``--precision``).
+
 Batch mode scores a file or a folder once; ``--watch`` keeps polling the folder and scores each new
 image once its size has stopped changing (so a file still being copied in is not read half-way).
 Unreadable or truncated images are reported and skipped; the rest are processed.
@@ -37,6 +42,33 @@ logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 OUTPUTS = ("pred_score", "pred_label", "anomaly_map", "pred_mask")
+# Inference precisions a user may ask for; f32 gives the validated (torch) answer on every CPU.
+PRECISIONS = ("f32", "bf16", "f16")
+# The name OpenVINO's OPTIMIZATION_CAPABILITIES uses for each precision.
+_CAPABILITY = {"f32": "FP32", "bf16": "BF16", "f16": "FP16"}
+
+
+def compile_config(precision: str = "f32", **properties: str) -> dict[str, str]:
+    """OpenVINO compile properties that pin the inference precision (plus any ``properties`` given).
+
+    ``compile_config()`` is ``{"INFERENCE_PRECISION_HINT": "f32"}``: pass it as anomalib's
+    ``OpenVINOInferencer(..., config=compile_config())`` or ``core.compile_model(..., config=...)``.
+
+    Raises:
+        ValueError: If ``precision`` is not one of :data:`PRECISIONS`.
+    """
+    if precision not in PRECISIONS:
+        msg = f"precision must be one of {list(PRECISIONS)}, got {precision!r}; f32 gives the validated scores."
+        raise ValueError(msg)
+    return {"INFERENCE_PRECISION_HINT": precision, **properties}
+
+
+def device_supports(precision: str, device: str = "CPU") -> bool:
+    """Whether OpenVINO's ``device`` computes natively in ``precision`` (where not, it falls back to f32)."""
+    if precision not in PRECISIONS:
+        msg = f"precision must be one of {list(PRECISIONS)}, got {precision!r}."
+        raise ValueError(msg)
+    return _CAPABILITY[precision] in ov.Core().get_property(device, "OPTIMIZATION_CAPABILITIES")
 
 
 @dataclass(frozen=True)
@@ -57,25 +89,55 @@ def read_image(path: Path) -> np.ndarray:
     return pixels / 255.0
 
 
+def _compiled_precision(compiled: ov.CompiledModel, requested: str) -> str:
+    """The precision a compiled model computes in (``AUTO`` does not tell: then the one requested)."""
+    try:
+        return compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+    except RuntimeError:
+        return requested
+
+
 class OpenVINODetector:
     """A compiled anomalib OpenVINO export.
 
     Args:
         model: Path of the exported ``model.xml`` (or ``.onnx``).
-        device: OpenVINO device name (``CPU``, ``GPU``, ``AUTO``).
-        config: OpenVINO compile properties; by default a latency-oriented CPU set-up.
+        device: OpenVINO device name (``CPU``, ``GPU``).
+        config: More OpenVINO compile properties (they override the defaults: ``PERFORMANCE_HINT=LATENCY``
+            and the precision below).
+        precision: Inference precision, one of :data:`PRECISIONS`. ``f32`` (default) gives the scores
+            of the validated torch model on every CPU; ``bf16`` / ``f16`` are faster where the device has
+            them, at a cost in accuracy that ``benchmarks/report.py`` measures per model. On a device
+            without them OpenVINO computes in f32; :attr:`precision` tells what it really runs.
 
     Raises:
         FileNotFoundError: If ``model`` does not exist.
-        ValueError: If the model lacks the ``pred_score`` and ``anomaly_map`` outputs of an anomalib export.
+        ValueError: If the model lacks the ``pred_score`` and ``anomaly_map`` outputs of an anomalib export,
+            or ``precision`` is unknown.
     """
 
-    def __init__(self, model: Path | str, device: str = "CPU", config: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        model: Path | str,
+        device: str = "CPU",
+        config: dict[str, str] | None = None,
+        precision: str = "f32",
+    ) -> None:
         model = Path(model)
         if not model.is_file():
             msg = f"Model file {model} does not exist; export one with `anomalib export ... --export_type openvino`."
             raise FileNotFoundError(msg)
-        self.compiled = ov.Core().compile_model(model, device, config or {"PERFORMANCE_HINT": "LATENCY"})
+        properties = compile_config(precision, PERFORMANCE_HINT="LATENCY") | (config or {})
+        self.compiled = ov.Core().compile_model(model, device, properties)
+        self.precision = _compiled_precision(self.compiled, properties["INFERENCE_PRECISION_HINT"])
+        if self.precision != properties["INFERENCE_PRECISION_HINT"]:
+            logger.warning(
+                "%s cannot compute in %s; OpenVINO runs %s in %s.",
+                device,
+                properties["INFERENCE_PRECISION_HINT"],
+                model,
+                self.precision,
+            )
         self.request = self.compiled.create_infer_request()
         self.outputs = {name: port for port in self.compiled.outputs for name in port.names if name in OUTPUTS}
         missing = {"pred_score", "anomaly_map"} - set(self.outputs)
@@ -155,11 +217,12 @@ def watch(
     on_prediction: Callable[[Prediction], None],
     interval: float = 2.0,
     max_images: int | None = None,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> int:
     """Score each new image in ``folder`` once its size is unchanged over one poll; returns the count.
 
     Runs until interrupted (Ctrl-C) or, if ``max_images`` is given, until that many files were handled.
-    Files present when watching starts are scored too.
+    Files present when watching starts are scored too. ``sleep`` waits between polls.
     """
     if not folder.is_dir():
         msg = f"Folder {folder} does not exist; --watch needs a folder to poll."
@@ -182,7 +245,7 @@ def watch(
             if max_images is not None and handled >= max_images:
                 break
         else:
-            time.sleep(interval)
+            sleep(interval)
     return handled
 
 
@@ -191,14 +254,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--model", type=Path, required=True, help="Exported model.xml (or .onnx).")
     parser.add_argument("--input", type=Path, required=True, help="An image file or a folder of images.")
     parser.add_argument("--csv", type=Path, default=None, help="Also write path,pred_score,pred_label rows here.")
-    parser.add_argument("--device", default="CPU", help="OpenVINO device (CPU, GPU, AUTO).")
+    parser.add_argument("--device", default="CPU", help="OpenVINO device (CPU, GPU).")
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="f32",
+        help="inference precision (default f32: the validated scores on every CPU; bf16/f16 are faster, less exact)",
+    )
     parser.add_argument("--watch", action="store_true", help="Keep polling the --input folder for new images.")
     parser.add_argument("--interval", type=float, default=2.0, help="Seconds between polls with --watch.")
     parser.add_argument("--max-images", type=int, default=None, help="With --watch: stop after this many files.")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        detector = OpenVINODetector(args.model, args.device)
+        detector = OpenVINODetector(args.model, args.device, precision=args.precision)
     except (FileNotFoundError, ValueError) as error:
         parser.error(str(error))
 
