@@ -23,7 +23,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from anomalib_diffusion.components.files import atomic_write
-from anomalib_diffusion.deploy.openvino_runtime import PRECISIONS, compile_config
+from anomalib_diffusion.deploy.openvino_runtime import add_precision_argument, compile_config
 
 logger = logging.getLogger(__name__)
 
@@ -89,12 +89,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--input", type=Path, required=True, help="An image file or a folder of images.")
     parser.add_argument("--output", type=Path, default=Path("predictions"), help="Folder for the overlay PNGs.")
     parser.add_argument("--device", default="CPU", help="OpenVINO device (CPU, GPU, AUTO).")
-    parser.add_argument(
-        "--precision",
-        choices=PRECISIONS,
-        default="f32",
-        help="inference precision (default f32: the validated scores on every CPU; bf16/f16 are faster, less exact)",
-    )
+    add_precision_argument(parser)
     args = parser.parse_args(argv)
     if not args.model.is_file():
         parser.error(

@@ -63,6 +63,16 @@ def compile_config(precision: str = "f32", **properties: str) -> dict[str, str]:
     return {"INFERENCE_PRECISION_HINT": precision, **properties}
 
 
+def add_precision_argument(parser: argparse.ArgumentParser) -> None:
+    """The ``--precision`` option of the command-line tools (f32 unless the user opts in)."""
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="f32",
+        help="inference precision (default f32: the validated scores on every CPU; bf16/f16 are faster, less exact)",
+    )
+
+
 def device_supports(precision: str, device: str = "CPU") -> bool:
     """Whether OpenVINO's ``device`` computes natively in ``precision`` (where not, it falls back to f32)."""
     if precision not in PRECISIONS:
@@ -255,12 +265,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--input", type=Path, required=True, help="An image file or a folder of images.")
     parser.add_argument("--csv", type=Path, default=None, help="Also write path,pred_score,pred_label rows here.")
     parser.add_argument("--device", default="CPU", help="OpenVINO device (CPU, GPU).")
-    parser.add_argument(
-        "--precision",
-        choices=PRECISIONS,
-        default="f32",
-        help="inference precision (default f32: the validated scores on every CPU; bf16/f16 are faster, less exact)",
-    )
+    add_precision_argument(parser)
     parser.add_argument("--watch", action="store_true", help="Keep polling the --input folder for new images.")
     parser.add_argument("--interval", type=float, default=2.0, help="Seconds between polls with --watch.")
     parser.add_argument("--max-images", type=int, default=None, help="With --watch: stop after this many files.")
