@@ -68,6 +68,7 @@ from tqdm import tqdm
 
 from anomalib_diffusion.components.features import LITE0_WHEEL
 from anomalib_diffusion.data import DEMO_CATEGORIES, DEMO_DEFECT_TYPES, make_demo_dataset
+from anomalib_diffusion.deploy import compile_config
 from anomalib_diffusion.models import RADAR, PadimLite0
 from anomalib_diffusion.models.peers import PADIM_LITE0_LAYERS
 
@@ -100,7 +101,7 @@ LITE0_N_FEATURES = 100
 # "FP32" must mean FP32 on every CPU: without the hint OpenVINO runs f32 models in bf16 on CPUs
 # that have AMX / AVX512-BF16. The INT8 model gets the same hint so that quantisation is the only
 # difference between the two OpenVINO rows.
-OPENVINO_CONFIG = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+OPENVINO_CONFIG = compile_config("f32", PERFORMANCE_HINT="LATENCY")
 
 
 @dataclass

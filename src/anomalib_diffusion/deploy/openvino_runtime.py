@@ -57,10 +57,14 @@ def compile_config(precision: str = "f32", **properties: str) -> dict[str, str]:
     Raises:
         ValueError: If ``precision`` is not one of :data:`PRECISIONS`.
     """
+    _check_precision(precision)
+    return {"INFERENCE_PRECISION_HINT": precision, **properties}
+
+
+def _check_precision(precision: str) -> None:
     if precision not in PRECISIONS:
         msg = f"precision must be one of {list(PRECISIONS)}, got {precision!r}; f32 gives the validated scores."
         raise ValueError(msg)
-    return {"INFERENCE_PRECISION_HINT": precision, **properties}
 
 
 def add_precision_argument(parser: argparse.ArgumentParser) -> None:
@@ -75,9 +79,7 @@ def add_precision_argument(parser: argparse.ArgumentParser) -> None:
 
 def device_supports(precision: str, device: str = "CPU") -> bool:
     """Whether OpenVINO's ``device`` computes natively in ``precision`` (where not, it falls back to f32)."""
-    if precision not in PRECISIONS:
-        msg = f"precision must be one of {list(PRECISIONS)}, got {precision!r}."
-        raise ValueError(msg)
+    _check_precision(precision)
     return _CAPABILITY[precision] in ov.Core().get_property(device, "OPTIMIZATION_CAPABILITIES")
 
 
