@@ -59,7 +59,7 @@ from lightning import Callback, seed_everything
 from sklearn.metrics import roc_curve
 from torchvision.transforms.v2 import Resize
 
-from anomalib_diffusion.data import make_demo_dataset
+from anomalib_diffusion.data import DEMO_CATEGORIES, make_demo_dataset, texture_categories
 from anomalib_diffusion.deploy import compile_config, device_supports
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -161,6 +161,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, default=CONFIG, help="anomalib benchmark config with the model grid")
     parser.add_argument("--root", type=Path, default=None, help="MVTec AD-layout root (default: generate demo data)")
+    parser.add_argument(
+        "--textures",
+        type=Path,
+        default=None,
+        help="build the data from this folder of texture photographs (one category per image, the demo's "
+        "planted defects; e.g. ../shared/devbench/textures); --categories then defaults to all of them",
+    )
+    parser.add_argument(
+        "--held-out",
+        nargs="+",
+        default=[],
+        help="categories no setting was tuned on: their mean is reported apart from the others'",
+    )
+    parser.add_argument(
+        "--quality-only",
+        action="store_true",
+        help="train and test every model on every category, skip exports, latency and INT8 (prints only)",
+    )
     parser.add_argument("--categories", nargs="+", default=None, help="default: the config's category grid")
     parser.add_argument("--models", nargs="+", default=None, help="a subset of the config's models")
     parser.add_argument("--latency-runs", type=int, default=30)
@@ -389,7 +407,9 @@ def deploy(
             # anomalib's post-processor puts every model's normalised image threshold at 0.5.
             deployment.label_flips[backend] = int(((np.asarray(quality.scores) >= 0.5) != (reference >= 0.5)).sum())  # noqa: PLR2004
         deployment.peak_rss_mb = {
-            backend: peak_rss_mb(exports[backend]) for backend in ("OpenVINO FP32", "OpenVINO INT8") if backend in exports
+            backend: peak_rss_mb(exports[backend])
+            for backend in ("OpenVINO FP32", "OpenVINO INT8")
+            if backend in exports
         }
         deployments[name] = deployment
     core = ov.Core()
@@ -403,7 +423,9 @@ def deploy(
                         return model(image)
 
             elif backend in openvino_backends(deployment.exports):
-                compiled = core.compile_model(deployment.exports[BACKEND_EXPORT[backend]], "CPU", BACKEND_CONFIG[backend])
+                compiled = core.compile_model(
+                    deployment.exports[BACKEND_EXPORT[backend]], "CPU", BACKEND_CONFIG[backend]
+                )
                 request = compiled.create_infer_request()
 
                 def call(request: ov.InferRequest = request) -> object:
@@ -450,28 +472,37 @@ METRICS = (
 )
 
 
-def quality_tables(results: dict[str, dict[str, Run]]) -> str:
+def mean_table(results: dict[str, dict[str, Run]], categories: Sequence[str]) -> str:
+    names = list(next(iter(results.values())))
+    rows = [
+        [
+            name,
+            *[
+                fmt(statistics.mean(results[c][name].metrics.get(key, np.nan) for c in categories))
+                for _, key in METRICS
+            ],
+            f"{sum(results[c][name].fit_seconds for c in categories):.0f}",
+        ]
+        for name in names
+    ]
+    return markdown_table(["model", *[label for label, _ in METRICS], "train s"], rows)
+
+
+def quality_tables(results: dict[str, dict[str, Run]], held_out: Sequence[str] = ()) -> str:
     header = ["category", "model", *[label for label, _ in METRICS], "train s"]
     rows = [
-        [category, name, *[fmt(run.metrics.get(key)) for _, key in METRICS], f"{run.fit_seconds:.0f}"]
+        [category + (" (held out)" if category in held_out else ""), name]
+        + [*[fmt(run.metrics.get(key)) for _, key in METRICS], f"{run.fit_seconds:.0f}"]
         for category, runs in results.items()
         for name, run in runs.items()
     ]
     text = markdown_table(header, rows)
-    if len(results) > 1:
-        names = list(next(iter(results.values())))
-        means = [
-            [
-                name,
-                *[
-                    fmt(statistics.mean(runs[name].metrics.get(key, np.nan) for runs in results.values()))
-                    for _, key in METRICS
-                ],
-                f"{sum(runs[name].fit_seconds for runs in results.values()):.0f}",
-            ]
-            for name in names
-        ]
-        text += "\n\nMean over the categories (train s: the sum):\n\n" + markdown_table(["model", *header[2:]], means)
+    tuned = [category for category in results if category not in held_out]
+    groups = [("held out", list(held_out)), ("tuned on", tuned)] if held_out else [("all", list(results))]
+    for label, categories in groups:
+        if len(categories) > 1 or (held_out and categories):
+            text += f"\n\nMean over the {label} categories ({', '.join(categories)}; train s: the sum):\n\n"
+            text += mean_table(results, categories)
     return text
 
 
@@ -540,7 +571,9 @@ def precision_table(deployments: dict[str, Deployment]) -> str:
     rows = []
     for name, deployment in deployments.items():
         fp32, bf16 = (deployment.latency_ms.get(backend) for backend in ("OpenVINO FP32", "OpenVINO BF16"))
-        quality = {backend: deployment.quality.get(backend, (None, None)) for backend in ("OpenVINO FP32", "OpenVINO BF16")}
+        quality = {
+            backend: deployment.quality.get(backend, (None, None)) for backend in ("OpenVINO FP32", "OpenVINO BF16")
+        }
         flips = deployment.label_flips.get("OpenVINO BF16")
         rows.append(
             [
@@ -636,6 +669,52 @@ def draw_maps(runs: dict[str, Run], category: str, path: Path) -> None:
     save_figure_atomically(figure, path)
 
 
+def data_description(args: argparse.Namespace) -> str:
+    if args.root:
+        return f"`{args.root}`"
+    if args.textures:
+        return (
+            f"texture photographs of `{args.textures}`, one category per image, with the demo's planted defects "
+            "(`anomalib-diffusion-demo-data --textures`, seed 0, MVTec AD layout, 256x256; grey photographs tinted "
+            "with a fixed colour ramp chosen from the file name)"
+        )
+    return "the offline demo set (`make_demo_dataset`, seed 0, MVTec AD layout, 256x256)"
+
+
+def command_line(argv: Sequence[str] | None) -> str:
+    return ("python benchmarks/report.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+
+
+def render_quality(
+    args: argparse.Namespace, minutes: float, grid: dict, results: dict, argv: Sequence[str] | None
+) -> str:
+    """The page of a ``--quality-only`` run: the quality tables and the set-up, no deployment."""
+    return "\n".join(
+        [
+            "# Quality on surfaces the defaults were not tuned on" if args.held_out else "# Quality",
+            "",
+            f"Generated by `{command_line(argv)}` on {datetime.now().strftime('%Y-%m-%d')} in {minutes:.0f} min; do not "
+            "edit by hand. Models trained with anomalib's `Engine.fit`, scored with `Engine.test` (image / pixel AUROC, "
+            "PRO as anomalib's `AUPRO`; F1 at each model's threshold, set on synthetic anomalies made from normal "
+            "training images, never on test labels)."
+            + (
+                f" Held out: {', '.join(args.held_out)}: no setting of any model was chosen on them."
+                if args.held_out
+                else ""
+            ),
+            "",
+            quality_tables(results, args.held_out),
+            "",
+            "## Set-up",
+            "",
+            "- Data: " + data_description(args),
+            "- Models: " + "; ".join(f"{name} `{settings or 'defaults'}`" for name, settings in grid.items()),
+            "- Machine: " + ", ".join(f"{key} {value}" for key, value in machine_info().items()),
+            "",
+        ]
+    )
+
+
 def render(
     args: argparse.Namespace, command: str, minutes: float, grid: dict, results: dict, deployments: dict, figures: dict
 ) -> str:
@@ -651,7 +730,7 @@ def render(
             "",
             "## Quality",
             "",
-            quality_tables(results),
+            quality_tables(results, args.held_out),
             "",
             "PRO is anomalib's `AUPRO` (area under the per-region-overlap curve up to a false-positive rate of 0.3). "
             "F1 uses each model's own threshold, set on synthetic anomalies made from 20 % of the normal training "
@@ -710,12 +789,7 @@ def render(
             "",
             "## Set-up",
             "",
-            "- Data: "
-            + (
-                f"`{args.root}`"
-                if args.root
-                else "the offline demo set (`make_demo_dataset`, seed 0, MVTec AD layout, 256x256)"
-            ),
+            "- Data: " + data_description(args),
             "- Models: " + "; ".join(f"{name} `{settings or 'defaults'}`" for name, settings in grid.items()),
             "- Machine: " + ", ".join(f"{key} {value}" for key, value in machine_info().items()),
             "",
@@ -730,11 +804,25 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     if args.latency_runs < 1 or args.warmup_runs < 0:
         raise SystemExit("--latency-runs must be at least 1 and --warmup-runs at least 0.")
+    if args.root and args.textures:
+        raise SystemExit("--root and --textures exclude each other: pass an existing data set or a texture folder.")
     config = yaml.safe_load(args.config.read_text())
     grid = model_grid(config, args.models, args.quick)
     data_config = config["benchmark"]["data"]["init_args"]
-    categories = args.categories or data_config["category"].get("grid", [data_config["category"]])
+    if args.textures:
+        try:
+            available = list(texture_categories(args.textures))
+        except ValueError as error:
+            raise SystemExit(str(error)) from error
+        # Demo categories may be named next to the textures: both are built into one root.
+        categories = args.categories or available
+        if unknown := [name for name in categories if name not in available and name not in DEMO_CATEGORIES]:
+            raise SystemExit(f"{' '.join(unknown)}: neither a texture in {args.textures} nor a demo category.")
+    else:
+        categories = args.categories or data_config["category"].get("grid", [data_config["category"]])
     categories = categories[:1] if args.quick else categories
+    if unknown := sorted(set(args.held_out) - set(categories)):
+        raise SystemExit(f"--held-out {' '.join(unknown)}: not among the categories measured ({' '.join(categories)}).")
     seed = config["benchmark"].get("seed", 0) if args.seed is None else args.seed
     batch = 4 if args.quick else int(data_config.get("train_batch_size", 8))
     if args.quick:
@@ -745,7 +833,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         root = args.root
         if root is None:
             sizes = {"n_train": 10, "n_test_good": 4, "n_test_per_defect": 2, "image_size": 64} if args.quick else {}
-            root = make_demo_dataset(work / "data", categories=categories, seed=0, progress=False, **sizes)
+            textures = [name for name in categories if args.textures and name not in DEMO_CATEGORIES]
+            demo = [name for name in categories if name not in textures]
+            try:
+                for names, folder in ((demo, None), (textures, args.textures)):
+                    if names:
+                        root = make_demo_dataset(
+                            work / "data", categories=names, seed=0, progress=False, textures=folder, **sizes
+                        )
+            except ValueError as error:
+                raise SystemExit(str(error)) from error
         elif not all((root / category / "train" / "good").is_dir() for category in categories):
             raise SystemExit(f"{root} is not an MVTec AD-layout folder with {categories} (each needs train/good).")
         results: dict[str, dict[str, Run]] = {}
@@ -758,6 +855,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                 results[category][name] = run
                 if category == categories[0]:
                     trained[name] = (model, runner)
+        if args.quality_only:
+            text = render_quality(args, (time.perf_counter() - start) / 60, grid, results, argv)
+            print(text)
+            if args.output and args.output != "-":
+                write_atomically(Path(args.output), text)
+                print(f"Report written to {args.output}")
+            return
         deployments = deploy(trained, root, categories[0], seed, args, work)
         minutes = (time.perf_counter() - start) / 60
         output = None if args.quick and args.output is None else (args.output or str(REPORT))
@@ -770,8 +874,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             draw_maps(results[categories[0]], categories[0], paths["maps"])
             page = Path(output).resolve().parent
             figures = {key: os.path.relpath(path.resolve(), page) for key, path in paths.items()}
-        command = "python benchmarks/report.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        text = render(args, command.strip(), minutes, grid, results, deployments, figures)  # reads the exports' sizes
+        text = render(
+            args, command_line(argv), minutes, grid, results, deployments, figures
+        )  # reads the exports' sizes
     print(text)
     if output and output != "-":
         write_atomically(Path(output), text)

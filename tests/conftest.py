@@ -4,6 +4,7 @@ Training even a tiny diffusion U-Net costs seconds on 2 CPU cores, so the traine
 session fixtures that the end-to-end tests share (they only read them).
 """
 
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,17 +18,14 @@ from lightning import seed_everything
 from anomalib_diffusion.data import MVTecADFewDefects, make_demo_dataset
 from anomalib_diffusion.models import DADDA, GLAD, RADAR
 
-# Small enough for CI, big enough to exercise patch stitching (3x3 patches per image).
+# Small enough for CI; RADAR's defaults otherwise (one full-image U-Net pass, no attention). Patch stitching
+# (inference_mode="patch") is covered by tests/unit/test_radar.py.
 TINY_RADAR = {
     "image_size": 64,
     "patch_size": 32,
-    "stride": 16,
-    "window_size": 16,
     "block_out_channels": (8, 16),
-    "attention_resolutions": (16,),
     "max_steps": 6,
     "patches_per_step": 8,
-    "n_estimators": 25,
 }
 
 
@@ -167,9 +165,28 @@ def trained_dadda(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     return train_reference(DADDA, REFERENCE_DADDA, demo_root, work, few_defects_datamodule(demo_root))
 
 
-def export_openvino(trained: TrainedModel, root: Path) -> Path:
-    """The model's OpenVINO IR as ``anomalib export`` writes it (dynamic height and width)."""
-    return trained.engine.export(model=trained.model, export_type=ExportType.OPENVINO, export_root=root)
+def export_openvino(trained: TrainedModel, root: Path, keep_onnx: Path | None = None) -> Path:
+    """The model's OpenVINO IR as ``anomalib export`` writes it (dynamic height and width).
+
+    anomalib converts to OpenVINO from an ONNX file that it writes with ``to_onnx`` into a temporary folder;
+    ``keep_onnx`` keeps a copy of that file, so that a test of the ONNX export needs no second export.
+    """
+    if keep_onnx is None:
+        return trained.engine.export(model=trained.model, export_type=ExportType.OPENVINO, export_root=root)
+    to_onnx = trained.model.to_onnx
+
+    def to_onnx_and_keep(*args: object, **kwargs: object) -> Path:
+        path = Path(to_onnx(*args, **kwargs))
+        shutil.copy(path, keep_onnx)
+        for weights in path.parent.glob(f"{path.name}.data"):  # weights stored next to the graph
+            shutil.copy(weights, keep_onnx.parent / f"{keep_onnx.name}.data")
+        return path
+
+    trained.model.to_onnx = to_onnx_and_keep
+    try:
+        return trained.engine.export(model=trained.model, export_type=ExportType.OPENVINO, export_root=root)
+    finally:
+        del trained.model.to_onnx
 
 
 @pytest.fixture(scope="session")
@@ -179,7 +196,15 @@ def radar_openvino(trained_radar: TrainedModel, tmp_path_factory: pytest.TempPat
 
 @pytest.fixture(scope="session")
 def glad_openvino(trained_glad: TrainedModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return export_openvino(trained_glad, tmp_path_factory.mktemp("glad_ov"))
+    """GLAD's export costs about 40 s on 2 cores (a DDIM loop of U-Net calls): made once, with its ONNX file kept."""
+    root = tmp_path_factory.mktemp("glad_ov")
+    return export_openvino(trained_glad, root, keep_onnx=root / "model.onnx")
+
+
+@pytest.fixture(scope="session")
+def glad_onnx(glad_openvino: Path) -> Path:
+    """The ONNX file that the export of ``glad_openvino`` converted (``to_onnx``, as ``anomalib export`` runs it)."""
+    return glad_openvino.parents[2] / "model.onnx"
 
 
 @pytest.fixture(scope="session")

@@ -72,7 +72,10 @@ def assert_openvino_matches_torch(model: torch.nn.Module, exported: Path, images
 
 def openvino_anomaly_maps(model_paths: dict[str, Path], images: torch.Tensor) -> dict[str, np.ndarray]:
     """Each export's ``anomaly_map`` of every image, compiled in f32, keyed as ``model_paths``."""
-    return {name: openvino_outputs(compile_openvino(path, "f32"), images)["anomaly_map"] for name, path in model_paths.items()}
+    return {
+        name: openvino_outputs(compile_openvino(path, "f32"), images)["anomaly_map"]
+        for name, path in model_paths.items()
+    }
 
 
 def image_auroc(scores: np.ndarray | torch.Tensor, labels: np.ndarray) -> float:

@@ -8,7 +8,14 @@ import torch
 from anomalib.deploy import ExportType
 
 from anomalib_diffusion.models import DADDA
-from tests.conftest import REFERENCE_DADDA, TINY_DADDA, TrainedModel, few_defects_datamodule, tiny_datamodule, train_tiny
+from tests.conftest import (
+    REFERENCE_DADDA,
+    TINY_DADDA,
+    TrainedModel,
+    few_defects_datamodule,
+    tiny_datamodule,
+    train_tiny,
+)
 from tests.helpers import assert_openvino_matches_torch, demo_test_images, image_tensor
 
 DEMO_TYPES = ["contamination", "hole", "scratch", "stain"]

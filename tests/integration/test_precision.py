@@ -31,17 +31,17 @@ MODELS = ("radar", "glad", "dadda")
 # f32 in OpenVINO against f32 in torch, on normalised image scores: anomalib's (raw - threshold) / (max - min)
 # multiplies the two frameworks' rounding differences by 1 / (max - min) of the validation scores.
 SCORE_TOLERANCE = 1e-3
-# What bf16 is promised to keep (docs/deployment.md), against f32 on the model's test split: every model's
-# normalised anomaly map to within BF16_MAP_TOLERANCE; GLAD's and DADDA's image decisions too (the label of every
-# image whose f32 score is further than BF16_LABEL_MARGIN from the threshold, and image AUROC to within
-# BF16_AUROC_MARGIN). RADAR's image score is promised nothing in bf16: its Isolation Forest turns the bf16 error
-# of the noise map into jumps of the score across the forest's splits (measured on the tiny model: AUROC 0.844 in
-# f32, 0.688 in bf16; a defective image's score 0.852 -> 0.314). Measured largest map differences: 0.017 (RADAR),
-# 0.031 (GLAD), 0.038 (DADDA); image scores of GLAD move by up to 0.045, DADDA's by 0.004.
-BF16_MAP_TOLERANCE = 0.1
+# What bf16 is promised to keep (docs/deployment.md), against f32 on the model's test split: the model's normalised
+# anomaly map to within BF16_MAP_TOLERANCE, and its image decisions: the label of every image whose f32 score is
+# further than BF16_LABEL_MARGIN from the threshold, and image AUROC to within BF16_AUROC_MARGIN. Measured largest map
+# differences: 0.146 (RADAR), 0.031 (GLAD), 0.038 (DADDA). RADAR's map is the least exact: at its inference timestep
+# t = 10 the diffusion noise is 3 % of the image, and bf16 rounds the noisy image to about 0.4 %, so the noise map
+# moves by a tenth; its image scores moved down by 0.06-0.2 while keeping their order (AUROC 1.0 in both) and every
+# clear label. With the paper's Isolation Forest (image_score="forest") the map error jumps across the forest's
+# splits instead (measured on the tiny model: AUROC 0.844 in f32, 0.688 in bf16), so that head is promised nothing.
+BF16_MAP_TOLERANCE = {"radar": 0.2, "glad": 0.1, "dadda": 0.1}
 BF16_LABEL_MARGIN = 0.15
 BF16_AUROC_MARGIN = 0.1
-BF16_KEEPS_DECISIONS = {"radar": False, "glad": True, "dadda": True}
 
 
 @pytest.fixture(params=MODELS)
@@ -99,7 +99,10 @@ def test_export_says_how_to_run_the_model_in_f32(
         model_xml = trained_radar.model.to_openvino(tmp_path)
     advice = [record.getMessage() for record in caplog.records if "INFERENCE_PRECISION_HINT" in record.getMessage()]
     assert len(advice) == 1
-    assert f'OpenVINOInferencer("{model_xml}", device="CPU", config={{\'INFERENCE_PRECISION_HINT\': \'f32\'}})' in advice[0]
+    assert (
+        f"OpenVINOInferencer(\"{model_xml}\", device=\"CPU\", config={{'INFERENCE_PRECISION_HINT': 'f32'}})"
+        in advice[0]
+    )
 
 
 @requires_bf16
@@ -112,10 +115,8 @@ def test_bf16_keeps_what_it_promises(name: str, request: pytest.FixtureRequest) 
     images = image_tensor(paths)
     f32 = openvino_outputs(compile_openvino(model_xml, "f32"), images)
     bf16 = openvino_outputs(compile_openvino(model_xml, "bf16"), images)
-    assert np.abs(bf16["anomaly_map"] - f32["anomaly_map"]).max() <= BF16_MAP_TOLERANCE
+    assert np.abs(bf16["anomaly_map"] - f32["anomaly_map"]).max() <= BF16_MAP_TOLERANCE[name]
     assert not np.array_equal(bf16["anomaly_map"], f32["anomaly_map"]), "bf16 must really have run"
-    if not BF16_KEEPS_DECISIONS[name]:
-        return
     threshold = float(trained.model.post_processor.normalized_image_threshold)
     clear = np.abs(f32["pred_score"] - threshold) > BF16_LABEL_MARGIN
     assert clear.sum() >= 4, "too few clearly decided images for the check to mean anything"  # noqa: PLR2004

@@ -19,9 +19,14 @@ from tests.helpers import (
 )
 
 
-def test_fit_fits_the_forest_and_test_reports_metrics(trained_radar: TrainedModel) -> None:
-    assert trained_radar.model.is_fitted()
-    assert trained_radar.model.global_step == REFERENCE_RADAR["max_steps"]
+def test_fit_fits_the_score_head_on_held_out_images_and_test_reports_metrics(trained_radar: TrainedModel) -> None:
+    model = trained_radar.model
+    assert model.is_fitted()
+    assert model.global_step == REFERENCE_RADAR["max_steps"]
+    assert (model.model.map_std > 0).all() and not torch.equal(model.model.map_mean, torch.zeros(2))
+    train_paths = {str(path) for path in trained_radar.datamodule.train_data.samples["image_path"]}
+    assert model._holdout_paths < train_paths  # 2 of the 8 normal training images, never a test image
+    assert len(model._holdout_paths) == round(model.calibration_fraction * len(train_paths)) == 2
     results = trained_radar.engine.test(model=trained_radar.model, datamodule=trained_radar.datamodule)
     assert set(results[0]) >= {"image_AUROC", "image_F1Score", "pixel_AUROC", "pixel_F1Score"}
     assert all(0.0 <= value <= 1.0 for value in results[0].values())
@@ -35,12 +40,13 @@ def test_predict_gives_maps_at_the_model_input_size(trained_radar: TrainedModel)
     assert batch.pred_label.dtype == torch.bool
 
 
-def test_checkpoint_round_trip_restores_unet_forest_and_thresholds(
+def test_checkpoint_round_trip_restores_unet_score_head_and_thresholds(
     trained_radar: TrainedModel, demo_root: Path
 ) -> None:
     assert trained_radar.checkpoint.is_file()
     restored = RADAR.load_from_checkpoint(trained_radar.checkpoint).eval()
     assert restored.is_fitted()
+    torch.testing.assert_close(restored.model.map_std, trained_radar.model.model.map_std, rtol=0, atol=0)
     images = image_tensor(demo_test_images(demo_root))
     with torch.no_grad():
         expected, actual = trained_radar.model(images), restored(images)

@@ -105,6 +105,16 @@ class TestUNet:
         out = unet(torch.randn(2, 3, 32, 48), 10).sample
         assert out.shape == (2, 3, 32, 48)
 
+    def test_the_middle_block_attention_can_be_left_out(self) -> None:
+        with_attention = build_unet(UNetConfig(sample_size=16, block_out_channels=(8, 8), attention_resolutions=()))
+        without = build_unet(
+            UNetConfig(sample_size=16, block_out_channels=(8, 8), attention_resolutions=(), mid_attention=False)
+        )
+        assert with_attention.mid_block.attentions[0] is not None
+        assert without.mid_block.attentions == [None] or list(without.mid_block.attentions) == [None]
+        assert not any("attn" in type(module).__name__.lower() for module in without.modules())
+        assert without(torch.randn(1, 3, 16, 24), 10).sample.shape == (1, 3, 16, 24)
+
     def test_upsampling_is_swapped_and_computes_the_same(self) -> None:
         unet = build_unet(UNetConfig(sample_size=16, block_out_channels=(8, 8)))
         swapped = [module for module in unet.modules() if isinstance(module, Upsample2D)]

@@ -1,6 +1,8 @@
 """Unit tests of the offline demo data set in ``anomalib_diffusion.data.demo``."""
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -269,6 +271,114 @@ class TestAtomicityAndReuse:
             make_demo_dataset(tmp_path, categories=("brick",), **{**SMALL, "n_train": 5})
         make_demo_dataset(tmp_path, categories=("brick",), overwrite=True, **{**SMALL, "n_train": 5})
         assert relative_files(tmp_path / "brick") == expected_files(5, 2, 2)
+
+
+def write_texture(path: Path, size: tuple[int, int], seed: int, colour: bool = False) -> Path:
+    """A synthetic texture photograph (smoothed noise), grey unless ``colour``: the suite ships no third-party image."""
+    rng = np.random.default_rng(seed)
+    height, width = size
+    coarse = rng.random((height // 8, width // 8, 3 if colour else 1))
+    pixels = np.kron(coarse, np.ones((8, 8, 1))) * 0.7 + rng.random((height, width, 1)) * 0.3
+    pixels = np.round(pixels * 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels if colour else pixels[..., 0]).save(path)
+    return path
+
+
+@pytest.fixture
+def texture_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "textures"
+    write_texture(folder / "canvas.png", (96, 80), seed=1)  # grey and not square
+    write_texture(folder / "tiles.jpg", (80, 80), seed=2, colour=True)
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+class TestTextureFolder:
+    def test_every_photograph_becomes_a_category(self, texture_folder: Path, tmp_path: Path) -> None:
+        assert list(demo.texture_categories(texture_folder)) == ["canvas", "tiles"]
+        root = make_demo_dataset(tmp_path / "data", textures=texture_folder, **SMALL)
+        assert sorted(path.name for path in root.iterdir()) == ["canvas", "tiles"]
+        for category in ("canvas", "tiles"):
+            assert relative_files(root / category) == expected_files(4, 2, 2)
+        marker = json.loads((root / "canvas" / ".demo_dataset.json").read_text())
+        assert marker["texture"] == "canvas.png"
+        assert len(marker["texture_sha256"]) == 64
+
+    def test_grey_photographs_are_tinted_and_colour_ones_kept(self, texture_folder: Path, tmp_path: Path) -> None:
+        root = make_demo_dataset(tmp_path / "data", textures=texture_folder, **SMALL)
+        grey = load(root / "canvas" / "train" / "good" / "000.png").astype(int)
+        assert (grey[..., 0] != grey[..., 2]).mean() > 0.9, "a grey photograph gets a colour ramp"
+        source = np.asarray(Image.open(texture_folder / "tiles.jpg").convert("RGB")).astype(int)
+        colour = load(root / "tiles" / "train" / "good" / "000.png").astype(int)
+        channel_order = lambda pixels: np.argsort(pixels.reshape(-1, 3).mean(axis=0))  # noqa: E731
+        np.testing.assert_array_equal(channel_order(colour), channel_order(source))
+
+    def test_defects_and_masks_follow_the_demo_rules(self, texture_folder: Path) -> None:
+        source = str(texture_folder / "canvas.png")
+        for defect in DEMO_DEFECT_TYPES:
+            clean, image, mask = _render_sample(source, "test", defect, 0, 64, 0)
+            np.testing.assert_array_equal((image != clean).any(axis=-1), mask)
+            assert 0.003 <= mask.mean() <= 0.05
+
+    def test_images_do_not_depend_on_where_the_folder_lies(self, texture_folder: Path, tmp_path: Path) -> None:
+        moved = tmp_path / "elsewhere" / "textures"
+        shutil.copytree(texture_folder, moved)
+        first = make_demo_dataset(tmp_path / "a", textures=texture_folder, categories="canvas", **SMALL)
+        second = make_demo_dataset(tmp_path / "b", textures=moved, categories="canvas", **SMALL)
+        assert file_bytes(first) == file_bytes(second)
+
+    def test_a_changed_photograph_is_not_taken_for_the_built_set(self, texture_folder: Path, tmp_path: Path) -> None:
+        make_demo_dataset(tmp_path / "data", textures=texture_folder, categories="canvas", **SMALL)
+        write_texture(texture_folder / "canvas.png", (96, 80), seed=9)
+        with pytest.raises(FileExistsError, match="built with other arguments"):
+            make_demo_dataset(tmp_path / "data", textures=texture_folder, categories="canvas", **SMALL)
+
+    @pytest.mark.parametrize(
+        ("change", "message"),
+        [
+            ("missing", r"textures='.*missing' is not a folder; pass a folder of texture photographs"),
+            ("empty", r"empty holds no texture image; put \.png"),
+            ("clash", r"canvas\.jpg and canvas\.png would both be category 'canvas'; rename one"),
+            ("unknown", r"Unknown texture in .* 'brick'; choose from canvas, tiles"),
+            ("too_large", r"image_size must be an integer from 32 to 80, .*smallest photograph in .* is 80 px"),
+        ],
+    )
+    def test_bad_folders_are_named_before_anything_is_written(
+        self, texture_folder: Path, tmp_path: Path, change: str, message: str
+    ) -> None:
+        arguments = {"textures": texture_folder}
+        if change == "missing":
+            arguments["textures"] = tmp_path / "missing"
+        elif change == "empty":
+            arguments["textures"] = tmp_path / "empty"
+            arguments["textures"].mkdir()
+        elif change == "clash":
+            write_texture(texture_folder / "canvas.jpg", (64, 64), seed=3)
+        elif change == "unknown":
+            arguments["categories"] = "brick"
+        root = tmp_path / "data"
+        with pytest.raises(ValueError, match=message):
+            make_demo_dataset(root, **{**SMALL, **arguments, **({"image_size": 96} if change == "too_large" else {})})
+        assert not root.exists()
+
+    def test_command_line_takes_a_texture_folder(self, texture_folder: Path, tmp_path: Path) -> None:
+        argv = ["--root", str(tmp_path / "data"), "--textures", str(texture_folder), "--categories", "tiles"]
+        main(
+            [
+                *argv,
+                "--n-train",
+                "2",
+                "--n-test-good",
+                "1",
+                "--n-test-per-defect",
+                "1",
+                "--image-size",
+                "32",
+                "--no-progress",
+            ]
+        )
+        assert relative_files(tmp_path / "data" / "tiles") == expected_files(2, 1, 1)
 
 
 class TestAnomalibReaders:

@@ -14,6 +14,26 @@ def run_python(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
 
 
+def run_python_concurrently(codes: dict[str, str]) -> dict[str, subprocess.CompletedProcess]:
+    """Each program in its own fresh process, all started at once: anomalib's import (single-threaded) dominates each."""
+    processes = {
+        name: subprocess.Popen(  # noqa: S603
+            [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for name, code in codes.items()
+    }
+    results = {}
+    try:
+        for name, process in processes.items():
+            stdout, stderr = process.communicate(timeout=300)
+            results[name] = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+    finally:
+        for process in processes.values():
+            if process.poll() is None:
+                process.kill()
+    return results
+
+
 def test_python_start_up_does_not_import_torch() -> None:
     result = run_python("import sys; print('torch' in sys.modules, 'anomalib' in sys.modules)")
     assert result.returncode == 0, result.stderr
@@ -28,42 +48,31 @@ def test_import_hook_is_installed_by_the_pth_file() -> None:
 # The step-budget argument of each model, and the max_steps it then trains for.
 STEP_ARGUMENTS = {"RADAR": ("max_steps", 3), "GLAD": ("max_steps", 3), "DADDA": ("detector_steps", 1003)}
 
+GET_MODEL_CODE = "from anomalib.models import get_model, list_models\nimport anomalib.models\n" + "".join(
+    f"model = get_model('{name.lower()}', {argument}=3)\n"
+    f"print(type(model).__module__, anomalib.models.{name} is type(model), model.max_steps)\n"
+    f"print('{name}' in list_models(case='pascal'))\n"
+    f"print(type(get_model({{'class_path': 'anomalib.models.{name}'}})).__name__)\n"
+    for name, (argument, _) in STEP_ARGUMENTS.items()
+)
 
-def test_get_model_and_anomalib_models_alias() -> None:
-    """All three models in one fresh process (anomalib's import dominates the cost of each)."""
-    code = "from anomalib.models import get_model, list_models\nimport anomalib.models\n"
-    for name, (argument, _) in STEP_ARGUMENTS.items():
-        code += (
-            f"model = get_model('{name.lower()}', {argument}=3)\n"
-            f"print(type(model).__module__, anomalib.models.{name} is type(model), model.max_steps)\n"
-            f"print('{name}' in list_models(case='pascal'))\n"
-            f"print(type(get_model({{'class_path': 'anomalib.models.{name}'}})).__name__)\n"
-        )
-    result = run_python(code)
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
-    assert len(lines) == 3 * len(STEP_ARGUMENTS), result.stdout
-    for index, (name, (_, steps)) in enumerate(STEP_ARGUMENTS.items()):
-        module, pascal, by_class_path = lines[3 * index : 3 * index + 3]
-        assert module == f"anomalib_diffusion.models.{name.lower()}.lightning_model True {steps}"
-        assert pascal == "True"
-        assert by_class_path == name
+PLUGIN_FIRST_CODE = "import anomalib_diffusion.components, anomalib.models; print(anomalib.models.RADAR.__name__)"
 
-
-def test_importing_a_plugin_module_first_still_aliases_lazily() -> None:
-    result = run_python("import anomalib_diffusion.components, anomalib.models; print(anomalib.models.RADAR.__name__)")
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "RADAR"
-    assert "could not register" not in result.stderr
-
-
-CLI_NAMES = ["RADAR", "anomalib_diffusion.models.RADAR", "anomalib.models.RADAR", "GLAD", "anomalib.models.GLAD", "DADDA"]
+CLI_NAMES = [
+    "RADAR",
+    "anomalib_diffusion.models.RADAR",
+    "anomalib.models.RADAR",
+    "GLAD",
+    "anomalib.models.GLAD",
+    "DADDA",
+]
+CLI_CASES = [(name, STEP_ARGUMENTS[name.rsplit(".", 1)[-1]][0]) for name in CLI_NAMES]
 # Runs the `anomalib` console script's own entry point once per name in one process (anomalib's import
 # dominates each run); tests/integration/test_cli.py runs the console script itself, as a user types it.
-CLI_CODE = """
+CLI_CODE = f"""
 import contextlib, io, sys
 from anomalib.cli.cli import main
-for name, argument in {cases!r}:
+for name, argument in {CLI_CASES!r}:
     sys.argv = ["anomalib", "train", "--model", name, f"--model.{{argument}}", "7", "--print_config"]
     output = io.StringIO()
     with contextlib.redirect_stdout(output):
@@ -75,31 +84,60 @@ for name, argument in {cases!r}:
     print(output.getvalue())
 """
 
+# anomalib 2.7 takes the columns from the first job only: a KeyError (or a length mismatch) for mixed models.
+BENCHMARK_CODE = (
+    "from anomalib.pipelines.benchmark.job import BenchmarkJob\n"
+    "frame = BenchmarkJob.collect([\n"
+    "    {'model.class_path': 'RADAR', 'model.init_args.max_steps': 3, 'image_AUROC': 0.9},\n"
+    "    {'model.class_path': 'PadimLite0', 'image_AUROC': 0.8, 'defect_type_accuracy': 0.5},\n"
+    "])\n"
+    "print(list(frame.columns))\n"
+    "print(frame['model.class_path'].tolist(), frame['image_AUROC'].tolist())\n"
+    "print(frame.isna().to_numpy().tolist())\n"
+)
 
-def test_anomalib_cli_resolves_the_model() -> None:
-    cases = [(name, STEP_ARGUMENTS[name.rsplit(".", 1)[-1]][0]) for name in CLI_NAMES]
-    result = run_python(CLI_CODE.format(cases=cases))
+
+@pytest.fixture(scope="module")
+def fresh() -> dict[str, subprocess.CompletedProcess]:
+    """The four programs below, each in a fresh process of its own (nothing imported before it), run side by side."""
+    codes = {"get_model": GET_MODEL_CODE, "plugin_first": PLUGIN_FIRST_CODE, "cli": CLI_CODE}
+    return run_python_concurrently(codes | {"benchmark": BENCHMARK_CODE})
+
+
+def test_get_model_and_anomalib_models_alias(fresh: dict[str, subprocess.CompletedProcess]) -> None:
+    """All three models in one fresh process (anomalib's import dominates the cost of each)."""
+    result = fresh["get_model"]
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 3 * len(STEP_ARGUMENTS), result.stdout
+    for index, (name, (_, steps)) in enumerate(STEP_ARGUMENTS.items()):
+        module, pascal, by_class_path = lines[3 * index : 3 * index + 3]
+        assert module == f"anomalib_diffusion.models.{name.lower()}.lightning_model True {steps}"
+        assert pascal == "True"
+        assert by_class_path == name
+
+
+def test_importing_a_plugin_module_first_still_aliases_lazily(fresh: dict[str, subprocess.CompletedProcess]) -> None:
+    result = fresh["plugin_first"]
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "RADAR"
+    assert "could not register" not in result.stderr
+
+
+def test_anomalib_cli_resolves_the_model(fresh: dict[str, subprocess.CompletedProcess]) -> None:
+    result = fresh["cli"]
     assert result.returncode == 0, result.stderr[-2000:]
     sections = dict(section.split("\n", 1) for section in result.stdout.split("=== ")[1:])
     assert list(sections) == CLI_NAMES
-    for name, argument in cases:
+    for name, argument in CLI_CASES:
         assert re.search(rf"class_path: \S*\.{name.rsplit('.', 1)[-1]}\n", sections[name]), name
         assert f"{argument}: 7" in sections[name], name
 
 
-def test_benchmark_collects_jobs_with_different_settings_and_metrics() -> None:
-    # anomalib 2.7 takes the columns from the first job only: a KeyError (or a length mismatch) for mixed models.
-    code = (
-        "from anomalib.pipelines.benchmark.job import BenchmarkJob\n"
-        "frame = BenchmarkJob.collect([\n"
-        "    {'model.class_path': 'RADAR', 'model.init_args.max_steps': 3, 'image_AUROC': 0.9},\n"
-        "    {'model.class_path': 'PadimLite0', 'image_AUROC': 0.8, 'defect_type_accuracy': 0.5},\n"
-        "])\n"
-        "print(list(frame.columns))\n"
-        "print(frame['model.class_path'].tolist(), frame['image_AUROC'].tolist())\n"
-        "print(frame.isna().to_numpy().tolist())\n"
-    )
-    result = run_python(code)
+def test_benchmark_collects_jobs_with_different_settings_and_metrics(
+    fresh: dict[str, subprocess.CompletedProcess],
+) -> None:
+    result = fresh["benchmark"]
     assert result.returncode == 0, result.stderr
     columns, values, missing = result.stdout.strip().splitlines()
     assert columns == "['model.class_path', 'model.init_args.max_steps', 'image_AUROC', 'defect_type_accuracy']"

@@ -2,6 +2,7 @@
 
 from .checkpoints import CheckpointOwnerMixin
 from .edges import edge_features, global_l2, max_window_l2, sobel_edge_map
+from .holdout import HoldoutMixin
 from .isolation_forest import TensorIsolationForest, average_path_length
 from .lightning import (
     FittedModuleMixin,
@@ -20,6 +21,7 @@ __all__ = [
     "CheckpointOwnerMixin",
     "FittedModuleMixin",
     "FixedNoise",
+    "HoldoutMixin",
     "check_training_config",
     "int8_network_only",
     "resize_pre_processor",

@@ -23,7 +23,9 @@ class UNetConfig:
         sample_size: Side length of the training inputs (the patch size).
         block_out_channels: Channel width of each resolution level, from the finest.
         attention_resolutions: Feature-map side lengths (at ``sample_size`` input) that get
-            self-attention blocks. The middle block always has attention.
+            self-attention blocks.
+        mid_attention: Whether the middle block has self-attention. Its cost grows with the square of
+            the number of positions, so a full-image pass over a large image pays most for it.
         layers_per_block: Residual blocks per level.
         in_channels: Channels of the input image.
         out_channels: Channels of the prediction (the noise, for epsilon prediction).
@@ -40,6 +42,7 @@ class UNetConfig:
     out_channels: int = 3
     norm_num_groups: int = 8
     num_class_embeds: int | None = None
+    mid_attention: bool = True
 
     def __post_init__(self) -> None:
         if not self.block_out_channels:
@@ -95,6 +98,7 @@ def build_unet(config: UNetConfig) -> UNet2DModel:
         norm_num_groups=config.norm_num_groups,
         attention_head_dim=min(32, config.block_out_channels[-1]),
         num_class_embeds=config.num_class_embeds,
+        add_attention=config.mid_attention,
     )
     for module in unet.modules():
         if type(module) is Upsample2D:

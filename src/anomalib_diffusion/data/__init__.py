@@ -11,6 +11,7 @@ _MODULES = {
     "DEMO_CATEGORIES": "demo",
     "DEMO_DEFECT_TYPES": "demo",
     "make_demo_dataset": "demo",
+    "texture_categories": "demo",
     "FewDefectsMixin": "few_defects",
     "MVTecADFewDefects": "few_defects",
     "split_real_defects": "few_defects",

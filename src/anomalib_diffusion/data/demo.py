@@ -22,9 +22,17 @@ Example:
     >>> datamodule = MVTecAD(root=root, category="brick")  # doctest: +SKIP
 
 Or from a shell: ``python -m anomalib_diffusion.data.demo --root datasets/demo``.
+
+The same defects can be planted on any folder of texture photographs (``textures=`` or
+``--textures DIR``): each image becomes a category named after its file, its crops are the
+normal images, and a grey photograph is tinted with a fixed colour ramp chosen from the
+category's name, so that colour defects (stains, contamination) mean something. This is how
+the development benchmark of ``benchmarks/report.py --textures`` measures models on surfaces
+that no default was tuned on.
 """
 
 import argparse
+import hashlib
 import inspect
 import json
 import numbers
@@ -42,7 +50,14 @@ import skimage.data
 from PIL import Image
 from tqdm import tqdm
 
-__all__ = ["DEMO_CATEGORIES", "DEMO_DEFECT_TYPES", "main", "make_demo_dataset"]
+__all__ = [
+    "DEMO_CATEGORIES",
+    "DEMO_DEFECT_TYPES",
+    "TEXTURE_SUFFIXES",
+    "main",
+    "make_demo_dataset",
+    "texture_categories",
+]
 
 DEMO_CATEGORIES: MappingProxyType[str, Callable[[], np.ndarray]] = MappingProxyType(
     {
@@ -63,6 +78,19 @@ _TINTS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]]
     "grass": ((0.04, 0.12, 0.02), (0.70, 0.88, 0.40)),
     "gravel": ((0.16, 0.13, 0.10), (0.95, 0.88, 0.74)),
 }
+
+# Colour ramps for grey photographs from a texture folder; a category keeps the one its name picks.
+_TEXTURE_TINTS = (
+    ((0.20, 0.10, 0.05), (0.95, 0.80, 0.62)),  # tan
+    ((0.05, 0.10, 0.20), (0.70, 0.82, 0.95)),  # steel blue
+    ((0.08, 0.16, 0.06), (0.78, 0.92, 0.62)),  # sage
+    ((0.18, 0.06, 0.12), (0.95, 0.72, 0.80)),  # rose
+    ((0.12, 0.12, 0.12), (0.92, 0.90, 0.84)),  # warm grey
+    ((0.16, 0.10, 0.20), (0.84, 0.76, 0.95)),  # lavender
+)
+
+TEXTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+"""Image files that :func:`texture_categories` reads from a texture folder."""
 
 # Candidate stain colours (oil, rust, ink, bleach); a stain takes one far from the local colour.
 _STAIN_COLOURS = np.array(
@@ -88,27 +116,63 @@ _MARKER_NAME = ".demo_dataset.json"
 _FORMAT_VERSION = 1
 
 
+# A category is a demo name (a scikit-image texture) or, for a texture folder, the absolute path of
+# its photograph: the key of everything below that draws from a source texture.
+
+
+def _category_name(source: str) -> str:
+    """Folder name of a category: the demo name, or the photograph's file stem."""
+    return Path(source).stem if source not in DEMO_CATEGORIES else source
+
+
 @cache
-def _texture(category: str) -> np.ndarray:
-    """Gray source texture stretched to [0, 1]; the raw brick only spans gray levels 63-207."""
-    gray = DEMO_CATEGORIES[category]().astype(np.float32)
-    low, high = np.percentile(gray, (0.5, 99.5))
-    texture = np.clip((gray - low) / (high - low), 0.0, 1.0)
+def _texture(source: str) -> np.ndarray:
+    """Source texture stretched to [0, 1]: HxW if grey (to be tinted), HxWx3 if in colour.
+
+    The stretch maps the 0.5 and 99.5 percentiles to 0 and 1 (the raw brick only spans grey levels 63-207).
+    """
+    if source in DEMO_CATEGORIES:
+        pixels = DEMO_CATEGORIES[source]().astype(np.float32)
+    else:
+        with Image.open(source) as picture:
+            pixels = np.asarray(picture.convert("RGB"), dtype=np.float32)
+        if np.ptp(pixels, axis=-1).max() <= 2:  # noqa: PLR2004 - grey up to JPEG noise
+            pixels = pixels.mean(axis=-1)
+    low, high = np.percentile(pixels, (0.5, 99.5))
+    texture = np.clip((pixels - low) / max(high - low, 1e-6), 0.0, 1.0)
     texture.setflags(write=False)
     return texture
 
 
-def _tint(gray: np.ndarray, category: str) -> np.ndarray:
-    dark, light = (np.array(colour, dtype=np.float32) for colour in _TINTS[category])
+def _tint(gray: np.ndarray, source: str) -> np.ndarray:
+    if gray.ndim == 3:  # noqa: PLR2004 - a colour photograph keeps its colours
+        return gray
+    if source in _TINTS:
+        ramp = _TINTS[source]
+    else:
+        ramp = _TEXTURE_TINTS[zlib.crc32(_category_name(source).encode()) % len(_TEXTURE_TINTS)]
+    dark, light = (np.array(colour, dtype=np.float32) for colour in ramp)
     return dark + gray[..., None] * (light - dark)
+
+
+def _foreign_sources(source: str) -> list[str]:
+    """Textures a ``contamination`` defect on ``source`` may be cut from: its folder's other photographs."""
+    if source in DEMO_CATEGORIES:
+        return sorted(set(DEMO_CATEGORIES) - {source})
+    siblings = [str(path) for path in texture_categories(Path(source).parent).values() if str(path) != source]
+    return siblings or sorted(DEMO_CATEGORIES)
 
 
 def _clean_crop(category: str, rng: np.random.Generator, image_size: int) -> np.ndarray:
     """A random RGB crop, float32 in [0, 1], resized to ``image_size`` and randomly flipped/rotated."""
     texture = _texture(category)
-    base = max(image_size, _MIN_CROP)
-    crop = int(rng.integers(base, min(texture.shape[0], round(base * _MAX_CROP_ZOOM)) + 1))
-    top, left = rng.integers(0, texture.shape[0] - crop + 1, size=2)
+    side = min(texture.shape[:2])
+    base = min(max(image_size, _MIN_CROP), side)
+    crop = int(rng.integers(base, min(side, round(base * _MAX_CROP_ZOOM)) + 1))
+    height, width = texture.shape[:2]
+    # One draw of both corners (square sources: the same stream as before non-square sources were allowed).
+    highs = height - crop + 1 if height == width else np.array([height, width]) - crop + 1
+    top, left = rng.integers(0, highs, size=2)
     gray = texture[top : top + crop, left : left + crop]
     if crop != image_size:
         gray = cv2.resize(gray, (image_size, image_size), interpolation=cv2.INTER_AREA)
@@ -199,7 +263,7 @@ def _hole(image: np.ndarray, rng: np.random.Generator, _category: str) -> np.nda
 
 def _contamination(image: np.ndarray, rng: np.random.Generator, category: str) -> np.ndarray:
     """A patch of another category's texture, like a foreign object lying on the surface."""
-    foreign = str(rng.choice(sorted(set(DEMO_CATEGORIES) - {category})))
+    foreign = str(rng.choice(_foreign_sources(category)))
     patch = _clean_crop(foreign, rng, image.shape[0])
     region = _blob(rng, image.shape[0], area=(0.01, 0.035), roughness=0.45) < 1.0
     result = image.copy()
@@ -234,7 +298,8 @@ def _render_sample(
     equal). Every sample has its own random stream, derived from the seed and the sample's place
     in the data set, so a sample does not change when the number of other samples does.
     """
-    keys = (seed, zlib.crc32(category.encode()), zlib.crc32(f"{split}/{label}".encode()), index)
+    # The category's name, not its path: a texture folder gives the same images wherever it lies.
+    keys = (seed, zlib.crc32(_category_name(category).encode()), zlib.crc32(f"{split}/{label}".encode()), index)
     rng = np.random.default_rng(np.random.SeedSequence(keys))
     clean_float = _clean_crop(category, rng, image_size)
     clean = _to_uint8(clean_float)
@@ -256,14 +321,55 @@ def _save_png(array: np.ndarray, path: Path) -> None:
     Image.fromarray(array).save(path, format="PNG")
 
 
-def _check_categories(categories: Sequence[str]) -> None:
-    if not categories:
-        msg = f"categories is empty; pass at least one of {', '.join(DEMO_CATEGORIES)}."
+def texture_categories(folder: str | Path) -> dict[str, Path]:
+    """Category name -> photograph for every image in a texture folder (sorted by name).
+
+    Raises:
+        ValueError: If ``folder`` is not a folder, holds no image, or two images share a name.
+    """
+    folder = Path(folder).expanduser().resolve()
+    if not folder.is_dir():
+        msg = f"textures={str(folder)!r} is not a folder; pass a folder of texture photographs ({', '.join(TEXTURE_SUFFIXES)})."
         raise ValueError(msg)
-    for category in categories:
-        if category not in DEMO_CATEGORIES:
-            msg = f"Unknown demo category {category!r}; choose from {', '.join(DEMO_CATEGORIES)}."
+    images = sorted(path for path in folder.iterdir() if path.suffix.lower() in TEXTURE_SUFFIXES and path.is_file())
+    if not images:
+        msg = f"{folder} holds no texture image; put {', '.join(TEXTURE_SUFFIXES)} files in it."
+        raise ValueError(msg)
+    categories: dict[str, Path] = {}
+    for path in images:
+        if path.stem in categories:
+            msg = f"{categories[path.stem].name} and {path.name} would both be category {path.stem!r}; rename one."
             raise ValueError(msg)
+        categories[path.stem] = path
+    return categories
+
+
+def _sources(categories: Sequence[str] | str | None, textures: str | Path | None) -> dict[str, str]:
+    """Category name -> source key (demo name or photograph path), checked, in the order asked for."""
+    available = (
+        {name: name for name in DEMO_CATEGORIES}
+        if textures is None
+        else {name: str(path) for name, path in texture_categories(textures).items()}
+    )
+    if categories is None:
+        return available
+    names = list(dict.fromkeys((categories,) if isinstance(categories, str) else categories))
+    where = "demo category" if textures is None else f"texture in {textures}"
+    if not names:
+        msg = f"categories is empty; pass at least one of {', '.join(available)}."
+        raise ValueError(msg)
+    for name in names:
+        if name not in available:
+            msg = f"Unknown {where} {name!r}; choose from {', '.join(available)}."
+            raise ValueError(msg)
+    return {name: available[name] for name in names}
+
+
+def _source_settings(source: str) -> dict:
+    """What the marker records of a category's source: a photograph by name and content hash."""
+    if source in DEMO_CATEGORIES:
+        return {}
+    return {"texture": Path(source).name, "texture_sha256": hashlib.sha256(Path(source).read_bytes()).hexdigest()}
 
 
 def _checked_int(name: str, value: object, low: int, high: int | None, fix: str) -> int:
@@ -290,8 +396,8 @@ def _fresh_sibling(root: Path, prefix: str) -> Path:
     return path
 
 
-def _build_category(directory: Path, settings: dict, progress_bar: tqdm) -> None:
-    category = settings["category"]
+def _build_category(directory: Path, settings: dict, source: str, progress_bar: tqdm) -> None:
+    category = source
     folders = [("train", "good", settings["n_train"]), ("test", "good", settings["n_test_good"])]
     folders += [("test", defect, settings["n_test_per_defect"]) for defect in DEMO_DEFECT_TYPES]
     for split, label, count in folders:
@@ -310,7 +416,7 @@ def _build_category(directory: Path, settings: dict, progress_bar: tqdm) -> None
 
 def make_demo_dataset(
     root: str | Path,
-    categories: Sequence[str] = ("brick", "grass", "gravel"),
+    categories: Sequence[str] | str | None = None,
     n_train: int = 40,
     n_test_good: int = 10,
     n_test_per_defect: int = 8,
@@ -318,6 +424,7 @@ def make_demo_dataset(
     seed: int = 0,
     overwrite: bool = False,
     progress: bool = True,
+    textures: str | Path | None = None,
 ) -> Path:
     """Build the demo data set under ``root`` (one MVTec AD style folder per category).
 
@@ -328,7 +435,8 @@ def make_demo_dataset(
 
     Args:
         root: Folder that receives one sub-folder per category; created if missing.
-        categories: Names from :data:`DEMO_CATEGORIES` (a single name may be passed as a string).
+        categories: Names from :data:`DEMO_CATEGORIES`, or of images in ``textures`` (file stems); a single
+            name may be passed as a string. ``None`` (default): all of them.
         n_train: Normal training images per category.
         n_test_good: Normal test images per category.
         n_test_per_defect: Test images per category and per type in :data:`DEMO_DEFECT_TYPES`.
@@ -336,6 +444,9 @@ def make_demo_dataset(
         seed: Seed of all random choices; the same arguments give byte-identical files.
         overwrite: Replace ``root/<category>`` folders that already exist, whatever they hold.
         progress: Show a tqdm progress bar.
+        textures: A folder of texture photographs to use instead of the scikit-image textures: every
+            image (see :data:`TEXTURE_SUFFIXES`) is a category named after its file stem. Photographs must
+            be at least ``image_size`` pixels on their shorter side; grey ones are tinted (see module docs).
 
     Returns:
         The absolute path of ``root``, ready for ``anomalib.data.MVTecAD(root=..., category=...)``.
@@ -345,20 +456,23 @@ def make_demo_dataset(
         FileExistsError: If ``overwrite`` is False and ``root/<category>`` exists but is not a
             complete demo set built with the same arguments.
     """
-    categories = list(dict.fromkeys((categories,) if isinstance(categories, str) else categories))
-    _check_categories(categories)
+    sources = _sources(categories, textures)
     n_train = _checked_int("n_train", n_train, 1, None, "pass at least one training image")
     n_test_good = _checked_int("n_test_good", n_test_good, 0, None, "pass 0 or more")
     n_test_per_defect = _checked_int("n_test_per_defect", n_test_per_defect, 0, None, "pass 0 or more")
-    fix = f"the source textures are {_MAX_IMAGE_SIZE} px, so pick a size in that range"
-    image_size = _checked_int("image_size", image_size, _MIN_IMAGE_SIZE, _MAX_IMAGE_SIZE, fix)
+    if textures is None:
+        largest, fix = _MAX_IMAGE_SIZE, f"the source textures are {_MAX_IMAGE_SIZE} px, so pick a size in that range"
+    else:
+        largest = min(min(_texture(source).shape[:2]) for source in sources.values())
+        fix = f"the smallest photograph in {textures} is {largest} px on its shorter side"
+    image_size = _checked_int("image_size", image_size, _MIN_IMAGE_SIZE, largest, fix)
     seed = _checked_int("seed", seed, 0, None, "pass a non-negative seed such as 0")
     root = Path(root).resolve()
 
     # Decide everything before building anything, so that a conflict found for the last category
     # does not surface only after the first ones took their time to build.
     pending: list[dict] = []
-    for category in categories:
+    for category, source in sources.items():
         settings = {
             "generator": "anomalib_diffusion.data.demo",
             "format_version": _FORMAT_VERSION,
@@ -369,6 +483,7 @@ def make_demo_dataset(
             "n_test_per_defect": n_test_per_defect,
             "image_size": image_size,
             "seed": seed,
+            **_source_settings(source),
         }
         target = root / category
         if target.exists() and not overwrite:
@@ -392,7 +507,7 @@ def make_demo_dataset(
             bar.set_postfix_str(category)
             staging = _fresh_sibling(root, f".{category}.partial")
             try:
-                _build_category(staging, settings, bar)
+                _build_category(staging, settings, sources[category], bar)
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
@@ -421,15 +536,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     }
     parser = argparse.ArgumentParser(
         prog="anomalib-diffusion-demo-data",
-        description="Build a small MVTec AD style data set with planted defects from textures bundled in scikit-image.",
+        description=(
+            "Build a small MVTec AD style data set with planted defects, from the textures bundled in "
+            "scikit-image or from a folder of texture photographs (--textures)."
+        ),
     )
     parser.add_argument("--root", type=Path, default=Path("datasets/demo"), help="output folder (default: %(default)s)")
     parser.add_argument(
+        "--textures",
+        type=Path,
+        default=None,
+        help="folder of texture photographs; each image becomes a category named after its file (default: "
+        "the scikit-image textures " + ", ".join(DEMO_CATEGORIES) + ")",
+    )
+    parser.add_argument(
         "--categories",
         nargs="+",
-        default=list(defaults["categories"]),
-        choices=list(DEMO_CATEGORIES),
-        help="categories to build (default: all)",
+        default=None,
+        help="categories to build: demo names, or file stems with --textures (default: all)",
     )
     for name, description in integer_options.items():
         flag = "--" + name.replace("_", "-")
@@ -443,6 +567,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             categories=args.categories,
             overwrite=args.overwrite,
             progress=not args.no_progress,
+            textures=args.textures,
             **{name: getattr(args, name) for name in integer_options},
         )
     except (ValueError, FileExistsError) as error:

@@ -12,11 +12,9 @@ Example:
     >>> engine.fit(model=GLAD(), datamodule=MVTecAD(root="datasets/demo", category="brick"))  # doctest: +SKIP
 """
 
-import logging
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
 from anomalib.data import Batch
@@ -34,6 +32,7 @@ from anomalib_diffusion.augmentation import PerlinAnomalySynthesis
 from anomalib_diffusion.components import (
     CheckpointOwnerMixin,
     FittedModuleMixin,
+    HoldoutMixin,
     UNetConfig,
     as_int_tuple,
     check_training_config,
@@ -47,7 +46,6 @@ from .torch_model import FeatureExtractorName, GLADModel
 
 __all__ = ["GLAD"]
 
-logger = logging.getLogger(__name__)
 
 DEFAULT_IMAGE_SIZE = (256, 256)
 DEFAULT_FEATURE_LAYERS = {"unet": (0, 1), "efficientnet_lite0": (1, 2)}
@@ -59,7 +57,7 @@ RAMP_QUANTILE = 0.99
 RAMP_SAMPLES_PER_IMAGE = 4096
 
 
-class GLAD(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
+class GLAD(CheckpointOwnerMixin, FittedModuleMixin, HoldoutMixin, AnomalibModule):
     """GLAD: Global and Local Adaptive Diffusion reconstruction for anomaly detection.
 
     A pixel-space diffusion U-Net (diffusers ``UNet2DModel``, trained from scratch on random
@@ -187,6 +185,7 @@ class GLAD(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
         self.calibration_fraction = calibration_fraction
         self.calibration_quantile = calibration_quantile
         self.noise_seed = noise_seed
+        self.holdout_seed = noise_seed
         self.synthesis = (
             PerlinAnomalySynthesis(probability=anomaly_probability, foreground=anomaly_foreground)  # type: ignore[arg-type]
             if anomaly_aware_training
@@ -214,8 +213,7 @@ class GLAD(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
         )
         self._ema: EMAModel | None = None
         self._stepped = False  # whether the last training_step produced a loss (and so an optimiser step)
-        self._holdout_indices: list[int] | None = None
-        self._holdout_paths: frozenset[str] = frozenset()
+        self._init_holdout()
 
     @classmethod
     def configure_pre_processor(cls, image_size: Sequence[int] | int | None = None) -> PreProcessor:
@@ -229,7 +227,7 @@ class GLAD(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
 
     def on_fit_start(self) -> None:
         """Hold out a share of the normal training images for calibration."""
-        self._holdout_indices, self._holdout_paths = self._draw_holdout()
+        self.draw_holdout()
         super().on_fit_start()  # last: a resumed run restores its random generators here
 
     def on_train_start(self) -> None:
@@ -243,13 +241,10 @@ class GLAD(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
         """ATP loss (or the plain DDPM loss) on random crops of the batch's non-held-out images."""
         del args, kwargs
         self.check_batch(batch)
-        images = batch.image
-        if self._holdout_paths:
-            keep = torch.tensor([str(path) not in self._holdout_paths for path in batch.image_path])
-            if not keep.any():
-                self._stepped = False
-                return None  # the whole batch is held out for calibration: Lightning skips it
-            images = images[keep.to(images.device)]
+        images = self.training_images(batch)
+        if images is None:
+            self._stepped = False
+            return None  # the whole batch is held out for calibration: Lightning skips it
         crops = random_patches(images, self.model.unet_config.sample_size, self.patches_per_step)
         anomalous = self.synthesis(crops)[0] if self.synthesis is not None else None
         predicted, target = self.model.training_pair(crops, anomalous)
@@ -269,22 +264,6 @@ class GLAD(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
         if self._stepped and self._ema is not None:
             self._ema.step(self.model.unet.parameters())
             self._ema.copy_to(self.model.ema_unet.parameters())
-
-    def _draw_holdout(self) -> tuple[list[int] | None, frozenset[str]]:
-        dataset = getattr(getattr(self.trainer, "datamodule", None), "train_data", None)
-        samples = getattr(dataset, "samples", None)
-        if self.calibration_fraction == 0 or samples is None or len(samples) < 2:  # noqa: PLR2004
-            if self.calibration_fraction > 0:
-                logger.warning(
-                    "GLAD: no held-out calibration images (needs a datamodule with at least 2 training images); "
-                    "tau is calibrated on the training images themselves, which makes it lower than it should be.",
-                )
-            return None, frozenset()
-        count = max(1, round(self.calibration_fraction * len(samples)))
-        chosen = np.random.default_rng(self.noise_seed).choice(len(samples), size=count, replace=False)
-        indices = sorted(int(index) for index in chosen)
-        paths = frozenset(str(samples.iloc[index]["image_path"]) for index in indices)
-        return indices, paths
 
     # -- calibration -------------------------------------------------------------------------
 

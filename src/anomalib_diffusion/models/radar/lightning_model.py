@@ -31,6 +31,7 @@ from torchmetrics import Metric
 from anomalib_diffusion.components import (
     CheckpointOwnerMixin,
     FittedModuleMixin,
+    HoldoutMixin,
     UNetConfig,
     as_int_tuple,
     check_training_config,
@@ -41,7 +42,7 @@ from anomalib_diffusion.components import (
     size_pair,
 )
 
-from .torch_model import InferenceMode, RADARModel
+from .torch_model import AnomalyMapName, ImageScoreName, InferenceMode, RADARModel
 
 if TYPE_CHECKING:
     import openvino as ov
@@ -51,13 +52,15 @@ __all__ = ["RADAR"]
 DEFAULT_IMAGE_SIZE = (256, 256)
 
 
-class RADAR(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
+class RADAR(CheckpointOwnerMixin, FittedModuleMixin, HoldoutMixin, AnomalibModule):
     """RADAR: Reconstruction-free Anomaly Detection with Attention-based diffusion models in Real-time.
 
     A DDPM noise-prediction U-Net is trained on random patches of normal images. At inference
-    one forward diffusion step gives a noise map, its Sobel edge map is the anomaly map, and an
-    Isolation Forest, fitted on the normal training images at the end of training, turns two
-    edge-map features into the image score.
+    one forward diffusion step gives a noise map. The anomaly map is that map smoothed (or its
+    Sobel edge map, the paper's), standardised with statistics of normal images that the U-Net
+    did not train on (``calibration_fraction`` of the training split, held out); the image score
+    is the mean of its highest values (or the paper's Isolation Forest on two edge-map norms,
+    fitted on the same held-out images).
 
     Args:
         image_size: Size the default pre-processor resizes images to (height, width).
@@ -68,17 +71,23 @@ class RADAR(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
         inference_mode: ``"patch"`` (stitch overlapping patches, the paper's way) or ``"full"``
             (one pass of the fully convolutional U-Net over the whole image, faster).
         block_out_channels: U-Net channel width per resolution level.
-        attention_resolutions: Patch-level feature-map sizes that get self-attention.
+        attention_resolutions: Patch-level feature-map sizes that get self-attention (the paper's U-Net has some).
+        mid_attention: Whether the U-Net's middle block has self-attention (the paper's does).
         layers_per_block: Residual blocks per U-Net level.
         train_timestep_range: ``[low, high)`` timesteps sampled for the DDPM loss.
         learning_rate: AdamW learning rate.
-        max_steps: Optimiser steps; training stops here and the forest is fitted.
+        max_steps: Optimiser steps; training stops here and the score head is fitted.
         patches_per_step: Random patches per optimiser step.
-        n_estimators: Trees of the Isolation Forest.
+        n_estimators: Trees of the Isolation Forest (``image_score="forest"``).
         contamination: Isolation Forest contamination ("auto" or a fraction in (0, 0.5]).
         anomaly_map_sigma: Gaussian smoothing of the Sobel map.
-        noise_seed: Seed of the fixed inference noise.
+        noise_seed: Seed of the fixed inference noise (draw ``k`` uses ``noise_seed + k``) and of the hold-out draw.
         inference_chunk_size: Patches per U-Net call during eager inference (bounds memory).
+        anomaly_map: ``"noise"``, ``"sobel"`` (the paper's) or ``"combined"`` (see :class:`RADARModel`).
+        image_score: ``"top_k"`` (mean of the map's highest ``top_k_fraction``) or ``"forest"`` (the paper's).
+        top_k_fraction: Share of pixels the ``"top_k"`` score averages.
+        noise_draws: Fixed noise draws averaged into the noise map (each costs one more U-Net pass).
+        calibration_fraction: Share of the training images held out of training, to fit the score head on.
         pre_processor: ``True`` for the default (resize, no ImageNet normalisation), a
             pre-processor, or ``False``.
         post_processor: ``True`` for anomalib's default, a post-processor, or ``False``.
@@ -86,19 +95,25 @@ class RADAR(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
         visualizer: ``True`` for anomalib's default visualiser, a visualiser, or ``False``.
     """
 
-    FITTED_PART = "its Isolation Forest"
+    FITTED_PART = "its score head (anomaly-map statistics and, if it scores, the Isolation Forest)"
 
-    # The U-Net weights depend on the first four; the fitted Isolation Forest on all of them.
+    # The U-Net weights depend on the first five; the fitted score head on all of them.
     FITTED_HPARAMS = (
         "patch_size",
         "block_out_channels",
         "attention_resolutions",
+        "mid_attention",
         "layers_per_block",
         "stride",
         "timestep",
         "window_size",
         "inference_mode",
         "noise_seed",
+        "anomaly_map",
+        "image_score",
+        "anomaly_map_sigma",
+        "noise_draws",
+        "calibration_fraction",
     )
 
     def __init__(
@@ -106,13 +121,14 @@ class RADAR(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
         image_size: Sequence[int] | int = DEFAULT_IMAGE_SIZE,
         patch_size: int = 64,
         stride: int = 32,
-        timestep: int = 50,
+        timestep: int = 10,
         window_size: int = 32,
-        inference_mode: InferenceMode = "patch",
-        block_out_channels: Sequence[int] = (32, 64, 64),
-        attention_resolutions: Sequence[int] = (16,),
+        inference_mode: InferenceMode = "full",
+        block_out_channels: Sequence[int] = (8, 16),
+        attention_resolutions: Sequence[int] = (),
+        mid_attention: bool = False,
         layers_per_block: int = 1,
-        train_timestep_range: Sequence[int] = (0, 1000),
+        train_timestep_range: Sequence[int] = (0, 200),
         learning_rate: float = 1e-3,
         max_steps: int = 2000,
         patches_per_step: int = 16,
@@ -121,6 +137,11 @@ class RADAR(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
         anomaly_map_sigma: float = 4.0,
         noise_seed: int = 0,
         inference_chunk_size: int = 64,
+        anomaly_map: AnomalyMapName = "combined",
+        image_score: ImageScoreName = "top_k",
+        top_k_fraction: float = 0.01,
+        noise_draws: int = 1,
+        calibration_fraction: float = 0.2,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
         evaluator: Evaluator | bool = True,
@@ -136,6 +157,12 @@ class RADAR(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
             evaluator=evaluator,
             visualizer=visualizer,
         )
+        if not 0 <= calibration_fraction <= 0.5:  # noqa: PLR2004
+            msg = f"Invalid RADAR configuration: calibration_fraction={calibration_fraction} must be in [0, 0.5]."
+            raise ValueError(msg)
+        self.calibration_fraction = calibration_fraction
+        self.holdout_seed = noise_seed
+        self._init_holdout()
         self.learning_rate = learning_rate
         self.max_steps = max_steps
         self.patches_per_step = patches_per_step
@@ -145,6 +172,7 @@ class RADAR(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
                 sample_size=patch_size,
                 block_out_channels=as_int_tuple(block_out_channels),
                 attention_resolutions=as_int_tuple(attention_resolutions),
+                mid_attention=mid_attention,
                 layers_per_block=layers_per_block,
             ),
             stride=stride,
@@ -157,6 +185,10 @@ class RADAR(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
             n_estimators=n_estimators,
             contamination=contamination,
             inference_chunk_size=inference_chunk_size,
+            anomaly_map=anomaly_map,
+            image_score=image_score,
+            top_k_fraction=top_k_fraction,
+            noise_draws=noise_draws,
         )
 
     @classmethod
@@ -171,11 +203,19 @@ class RADAR(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.model.unet.parameters(), lr=self.learning_rate)
 
+    def on_fit_start(self) -> None:
+        """Hold out a share of the normal training images: the score head is fitted on them."""
+        self.draw_holdout()
+        super().on_fit_start()  # last: a resumed run restores its random generators here
+
     def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
-        """DDPM loss on ``patches_per_step`` random patches of the batch's normal images."""
+        """DDPM loss on ``patches_per_step`` random patches of the batch's normal, not held-out images."""
         del args, kwargs
         self.check_batch(batch)
-        patches = random_patches(batch.image, self.model.patch_size, self.patches_per_step)
+        images = self.training_images(batch)
+        if images is None:
+            return None  # the whole batch is held out: Lightning skips the step
+        patches = random_patches(images, self.model.patch_size, self.patches_per_step)
         predicted_noise, noise = self.model(patches)
         loss = F.mse_loss(predicted_noise, noise)
         self.check_loss(loss)
@@ -183,22 +223,23 @@ class RADAR(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
         return loss
 
     def on_validation_start(self) -> None:
-        """Fit the Isolation Forest on the normal training images with the current U-Net."""
+        """Fit the score head on the held-out normal images with the current U-Net."""
         if self.trainer.state.fn == TrainerFn.FITTING or not self.is_fitted():
-            self.fit_forest()
+            self.fit_head()
 
-    def fit_forest(self) -> None:
-        """Fit the Isolation Forest on the two edge-map features of every training image."""
-        features = collect_training_features(
+    def fit_head(self) -> None:
+        """Fit the anomaly-map statistics (and the Isolation Forest, if it scores) on the held-out images."""
+        statistics = collect_training_features(
             self,
-            self.model.image_features,
-            description="RADAR: Isolation Forest features of the training images",
+            self.model.head_statistics,
+            description="RADAR: fitting the score head on held-out normal images",
             min_size=self.model.patch_size,
+            indices=self._holdout_indices,
         )
-        self.model.forest.fit(features)
+        self.model.fit_head(statistics)
 
     def is_fitted(self) -> bool:
-        return self.model.forest.is_fitted
+        return bool(self.model.fitted)
 
     def _compress_ov_model(
         self,

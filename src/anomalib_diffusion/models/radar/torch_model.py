@@ -6,9 +6,14 @@ Anomaly Detection and Segmentation via Diffusion Models", arXiv:2508.04818, 2025
 Training is DDPM epsilon-prediction on patches of normal images. Inference is ONE forward
 diffusion step: the image is noised to timestep ``t`` with a fixed, seeded noise tensor ``eps``,
 the U-Net predicts the noise, and the residual ``eps_theta(x_t, t) - eps`` is the noise map:
-near zero where the image looks like the training data, structured where it does not. A Sobel
-filter on the noise map gives the pixel map; its global L2 norm and its largest sliding-window
-L2 norm are the two image features that an Isolation Forest turns into the image score.
+near zero where the image looks like the training data, structured where it does not.
+
+The paper's maps and score: a Sobel filter on the noise map gives the pixel map; its global L2
+norm and its largest sliding-window L2 norm are the two image features that an Isolation Forest
+turns into the image score (``anomaly_map="sobel"``, ``image_score="forest"``). Our defaults
+(measured in docs/radar.md): the smoothed noise map itself, or its maximum with the Sobel map,
+each standardised by its mean and spread over held-out normal images, and the mean of the
+map's highest values as the image score, which rises with the map everywhere.
 """
 
 import math
@@ -33,8 +38,13 @@ from anomalib_diffusion.components import (
     sobel_edge_map,
     stitch_patches,
 )
+from anomalib_diffusion.components.features import top_k_mean
 
 InferenceMode = Literal["patch", "full"]
+AnomalyMapName = Literal["noise", "sobel", "combined"]
+ImageScoreName = Literal["top_k", "forest"]
+ANOMALY_MAPS = ("noise", "sobel", "combined")
+IMAGE_SCORES = ("top_k", "forest")
 
 
 class RADARModel(nn.Module):
@@ -53,24 +63,35 @@ class RADARModel(nn.Module):
         n_estimators: Trees of the Isolation Forest.
         contamination: Isolation Forest contamination (moves only where its score crosses 0).
         inference_chunk_size: Patches (or images) per U-Net call in eager inference; bounds memory.
+        anomaly_map: ``"noise"`` (the smoothed noise map), ``"sobel"`` (the smoothed Sobel map, the paper's)
+            or ``"combined"`` (their maximum), each standardised on held-out normal images.
+        image_score: ``"top_k"`` (mean of the anomaly map's highest ``top_k_fraction`` of pixels) or
+            ``"forest"`` (the paper's Isolation Forest on the Sobel map's two L2 features).
+        top_k_fraction: Share of pixels the ``"top_k"`` score averages.
+        noise_draws: Fixed noise draws whose noise maps are averaged (one U-Net call on ``noise_draws`` x the batch).
     """
 
     def __init__(
         self,
         unet: UNetConfig,
         stride: int = 32,
-        timestep: int = 50,
+        timestep: int = 10,
         window_size: int = 32,
-        inference_mode: InferenceMode = "patch",
-        train_timestep_range: tuple[int, int] = (0, 1000),
+        inference_mode: InferenceMode = "full",
+        train_timestep_range: tuple[int, int] = (0, 200),
         anomaly_map_sigma: float = 4.0,
         noise_seed: int = 0,
         n_estimators: int = 100,
         contamination: float | str = "auto",
         inference_chunk_size: int = 64,
+        anomaly_map: AnomalyMapName = "combined",
+        image_score: ImageScoreName = "top_k",
+        top_k_fraction: float = 0.01,
+        noise_draws: int = 1,
     ) -> None:
         super().__init__()
         _check_inference_config(unet.sample_size, stride, timestep, window_size, inference_mode, train_timestep_range)
+        _check_scoring_config(anomaly_map, image_score, top_k_fraction, noise_draws)
         self.unet_config = unet
         self.patch_size = unet.sample_size
         self.stride = stride
@@ -84,7 +105,20 @@ class RADARModel(nn.Module):
         self.forest = TensorIsolationForest(n_estimators=n_estimators, contamination=contamination)
         kernel_size = 2 * math.ceil(3 * anomaly_map_sigma) + 1
         self.blur = GaussianBlur2d(sigma=anomaly_map_sigma, channels=1, kernel_size=kernel_size)
-        self.inference_noise = FixedNoise(unet.in_channels, noise_seed)
+        self.anomaly_map = anomaly_map
+        self.image_score = image_score
+        self.top_k_fraction = top_k_fraction
+        self.noise_draws = noise_draws
+        self.inference_noise = nn.ModuleList(
+            FixedNoise(unet.in_channels, noise_seed + draw) for draw in range(noise_draws)
+        )
+        # Mean and standard deviation of the smoothed noise and Sobel maps over held-out normal pixels.
+        self.register_buffer("map_mean", torch.zeros(2))
+        self.register_buffer("map_std", torch.ones(2))
+        self.register_buffer("fitted", torch.tensor(False))
+        self.map_mean: torch.Tensor
+        self.map_std: torch.Tensor
+        self.fitted: torch.Tensor
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | InferenceBatch:
         """Training: ``patches -> (predicted noise, true noise)``. Eval: ``images -> InferenceBatch``.
@@ -93,9 +127,43 @@ class RADARModel(nn.Module):
         """
         if self.training:
             return self.predict_training_noise(images)
-        edge_map = sobel_edge_map(self.noise_map(images))
-        pred_score = self.forest(edge_features(edge_map, self.window_size))
-        return InferenceBatch(pred_score=pred_score, anomaly_map=self.blur(edge_map))
+        noise_map = self.noise_map(images)
+        edge_map = sobel_edge_map(noise_map)
+        anomaly_map = self.standardised_map(noise_map, edge_map)
+        if self.image_score == "forest":
+            pred_score = self.forest(edge_features(edge_map, self.window_size))
+        else:
+            pred_score = top_k_mean(anomaly_map, self.top_k_fraction)
+        return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
+
+    def standardised_map(self, noise_map: torch.Tensor, edge_map: torch.Tensor) -> torch.Tensor:
+        """The chosen anomaly map: smoothed, then standardised with the held-out normal images' statistics."""
+        if self.anomaly_map == "sobel":
+            return (self.blur(edge_map) - self.map_mean[1]) / self.map_std[1]
+        noise = (self.blur(noise_map) - self.map_mean[0]) / self.map_std[0]
+        if self.anomaly_map == "noise":
+            return noise
+        return torch.maximum(noise, (self.blur(edge_map) - self.map_mean[1]) / self.map_std[1])
+
+    def head_statistics(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, 6)`` per image: mean and mean square of the smoothed noise and Sobel maps, and the 2 forest features."""
+        noise_map = self.noise_map(images)
+        edge_map = sobel_edge_map(noise_map)
+        smoothed = torch.cat([self.blur(noise_map), self.blur(edge_map)], dim=1).flatten(2)
+        moments = torch.cat([smoothed.mean(dim=2), smoothed.pow(2).mean(dim=2)], dim=1)[:, [0, 2, 1, 3]]
+        return torch.cat([moments, edge_features(edge_map, self.window_size)], dim=1)
+
+    def fit_head(self, statistics: torch.Tensor) -> None:
+        """Set the map statistics (and fit the forest, if it scores) from :meth:`head_statistics` of normal images."""
+        statistics = statistics.double()
+        for index in range(2):
+            mean = statistics[:, 2 * index].mean()
+            variance = statistics[:, 2 * index + 1].mean() - mean.pow(2)
+            self.map_mean[index] = mean.float()
+            self.map_std[index] = variance.clamp_min(1e-12).sqrt().float()
+        if self.image_score == "forest":
+            self.forest.fit(statistics[:, 4:].float())
+        self.fitted.fill_(True)
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, 2)`` Isolation Forest inputs: global and max-window L2 norms of the Sobel noise map."""
@@ -122,15 +190,18 @@ class RADARModel(nn.Module):
             factor = self.unet_config.downsampling_factor
             padded_size = (math.ceil(height / factor) * factor, math.ceil(width / factor) * factor)
         samples = pad_to(images * 2 - 1, *padded_size)
-        noise = self.inference_noise(*padded_size).expand(batch, -1, -1, -1)
+        # Every draw of the fixed noise in one U-Net call: (draws * B, C, H, W), draw-major.
+        noise = torch.cat([draw(*padded_size).expand(batch, -1, -1, -1) for draw in self.inference_noise])
+        samples = samples.repeat(self.noise_draws, 1, 1, 1)
         noisy = noise_at_timestep(self.scheduler, samples, noise, self.timestep)
         if self.inference_mode == "patch":
             patches = extract_patches(noisy, self.patch_size, self.stride)
-            predicted = stitch_patches(self.predict_noise(patches), batch, padded_size, self.stride)
+            predicted = stitch_patches(self.predict_noise(patches), noisy.shape[0], padded_size, self.stride)
         else:
             predicted = self.predict_noise(noisy)
         residual = (predicted - noise)[..., :height, :width]
-        return torch.linalg.vector_norm(residual, dim=1, keepdim=True)
+        norms = torch.linalg.vector_norm(residual, dim=1, keepdim=True)
+        return norms.reshape(self.noise_draws, batch, 1, height, width).mean(dim=0)
 
     def predict_noise(self, samples: torch.Tensor) -> torch.Tensor:
         """``eps_theta(x_t, t)`` at the inference timestep, in chunks when running eagerly."""
@@ -139,6 +210,21 @@ class RADARModel(nn.Module):
             return self.unet(samples, self.timestep).sample
         chunks = samples.split(self.inference_chunk_size)
         return torch.cat([self.unet(chunk, self.timestep).sample for chunk in chunks])
+
+
+def _check_scoring_config(anomaly_map: str, image_score: str, top_k_fraction: float, noise_draws: int) -> None:
+    problems = []
+    if anomaly_map not in ANOMALY_MAPS:
+        problems.append(f"anomaly_map={anomaly_map!r} must be one of {', '.join(map(repr, ANOMALY_MAPS))}")
+    if image_score not in IMAGE_SCORES:
+        problems.append(f"image_score={image_score!r} must be one of {', '.join(map(repr, IMAGE_SCORES))}")
+    if not 0 < top_k_fraction <= 1:
+        problems.append(f"top_k_fraction={top_k_fraction} must be in (0, 1]")
+    if isinstance(noise_draws, bool) or not isinstance(noise_draws, int) or noise_draws < 1:
+        problems.append(f"noise_draws={noise_draws!r} must be an integer of at least 1")
+    if problems:
+        msg = "Invalid RADAR configuration: " + "; ".join(problems) + "."
+        raise ValueError(msg)
 
 
 def _check_inference_config(
