@@ -90,20 +90,34 @@ def test_openvino_matches_torch_on_real_images(
     assert_openvino_matches_torch(trained_glad.model, glad_openvino, image_tensor(demo_test_images(demo_root)))
 
 
-def test_per_sample_step_decisions_survive_export(trained_glad: TrainedModel, demo_root: Path, tmp_path: Path) -> None:
-    """With tau between the images' discrepancies, some cross and some do not, in torch and in OpenVINO (f32) alike."""
-    model = copy.deepcopy(trained_glad.model).eval()
+def test_per_sample_step_decisions_survive_export(
+    trained_glad: TrainedModel, demo_root: Path, glad_openvino: Path, tmp_path: Path
+) -> None:
+    """With tau between the images' discrepancies, some cross and some do not, in torch and in OpenVINO (f32) alike.
+
+    The shared model's calibrated tau already splits the demo images (measured: 3 of 6 cross, the nearest 0.004 from
+    tau), so its export is checked as it is. Where training came out otherwise (another CPU's rounding), tau is set
+    halfway between the two middle discrepancies and that model is exported instead (about 40 s more).
+    """
+    model = trained_glad.model
     images = image_tensor(demo_test_images(demo_root))
+    model_xml = glad_openvino
     with torch.no_grad():
-        first = model.model.reconstruct(model.model.pad(images * 2 - 1)).discrepancies[:, 0].sort().values
-        middle = len(first) // 2
-        assert first[middle - 1] < first[middle], "the test needs two distinct middle discrepancies"
-        # Halfway between the two middle discrepancies: no image sits on tau, where rounding would decide.
-        model.model.tau[0] = (first[middle - 1] + first[middle]) / 2
+        first = model.model.reconstruct(model.model.pad(images * 2 - 1)).discrepancies[:, 0]
+        tau = model.model.tau[0]
+        splits = bool((first > tau).any() and (first < tau).any() and (first - tau).abs().min() > 1e-3)
+        if not splits:
+            model = copy.deepcopy(model).eval()
+            ordered = first.sort().values
+            middle = len(ordered) // 2
+            assert ordered[middle - 1] < ordered[middle], "the test needs two distinct middle discrepancies"
+            # Halfway between the two middle discrepancies: no image sits on tau, where rounding would decide.
+            model.model.tau[0] = (ordered[middle - 1] + ordered[middle]) / 2
+            model_xml = model.to_openvino(tmp_path)
         chosen = model.model.reconstruct(model.model.pad(images * 2 - 1)).chosen_timestep
         expected = model(images)
     assert set(chosen.tolist()) >= {0.0, 400.0}, "the test needs images on both sides of tau"
-    result = openvino_outputs(compile_openvino(model.to_openvino(tmp_path), "f32"), images)
+    result = openvino_outputs(compile_openvino(model_xml, "f32"), images)
     np.testing.assert_allclose(result["anomaly_map"], expected.anomaly_map.numpy(), atol=1e-4)
     np.testing.assert_allclose(result["pred_score"], expected.pred_score.numpy(), atol=1e-4)
 
