@@ -705,6 +705,18 @@ def data_description(args: argparse.Namespace) -> str:
     return "the offline demo set (`make_demo_dataset`, seed 0, MVTec AD layout, 256x256)"
 
 
+def setup_lines(args: argparse.Namespace, grid: dict) -> list[str]:
+    """The pages' closing "Set-up" section: data, model settings, machine."""
+    return [
+        "## Set-up",
+        "",
+        "- Data: " + data_description(args),
+        "- Models: " + "; ".join(f"{name} `{settings or 'defaults'}`" for name, settings in grid.items()),
+        "- Machine: " + ", ".join(f"{key} {value}" for key, value in machine_info().items()),
+        "",
+    ]
+
+
 def command_line(argv: Sequence[str] | None) -> str:
     return ("python benchmarks/report.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
 
@@ -730,12 +742,7 @@ def render_quality(
             "",
             quality_tables(results, args.held_out),
             "",
-            "## Set-up",
-            "",
-            "- Data: " + data_description(args),
-            "- Models: " + "; ".join(f"{name} `{settings or 'defaults'}`" for name, settings in grid.items()),
-            "- Machine: " + ", ".join(f"{key} {value}" for key, value in machine_info().items()),
-            "",
+            *setup_lines(args, grid),
         ]
     )
 
@@ -815,12 +822,7 @@ def render(
             "",
             show("maps"),
             "",
-            "## Set-up",
-            "",
-            "- Data: " + data_description(args),
-            "- Models: " + "; ".join(f"{name} `{settings or 'defaults'}`" for name, settings in grid.items()),
-            "- Machine: " + ", ".join(f"{key} {value}" for key, value in machine_info().items()),
-            "",
+            *setup_lines(args, grid),
         ]
     )
 

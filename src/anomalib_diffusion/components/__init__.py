@@ -2,7 +2,7 @@
 
 from .checkpoints import CheckpointOwnerMixin
 from .edges import edge_features, global_l2, max_window_l2, sobel_edge_map
-from .holdout import HoldoutMixin
+from .holdout import HoldoutMixin, calibration_fraction_problem
 from .isolation_forest import TensorIsolationForest, average_path_length
 from .lightning import (
     FittedModuleMixin,
@@ -22,6 +22,7 @@ __all__ = [
     "FittedModuleMixin",
     "FixedNoise",
     "HoldoutMixin",
+    "calibration_fraction_problem",
     "check_training_config",
     "int8_network_only",
     "resize_pre_processor",

@@ -13,6 +13,15 @@ from anomalib.data import Batch
 
 logger = logging.getLogger(__name__)
 
+MAX_CALIBRATION_FRACTION = 0.5
+
+
+def calibration_fraction_problem(fraction: float) -> str | None:
+    """What is wrong with a ``calibration_fraction`` setting, or ``None``."""
+    if 0 <= fraction <= MAX_CALIBRATION_FRACTION:
+        return None
+    return f"calibration_fraction={fraction} must be in [0, {MAX_CALIBRATION_FRACTION}]"
+
 
 class HoldoutMixin:
     """Draws ``calibration_fraction`` of the training split at fit start and keeps it out of every training batch.
@@ -24,10 +33,9 @@ class HoldoutMixin:
     calibration_fraction: float
     holdout_seed: int
     FITTED_PART: str
-
-    def _init_holdout(self) -> None:
-        self._holdout_indices: list[int] | None = None
-        self._holdout_paths: frozenset[str] = frozenset()
+    # Nothing held out until draw_holdout runs; both are replaced, never mutated.
+    _holdout_indices: list[int] | None = None
+    _holdout_paths: frozenset[str] = frozenset()
 
     def draw_holdout(self) -> None:
         """Choose the held-out images (call in ``on_fit_start``); none where the datamodule cannot say which."""

@@ -35,6 +35,7 @@ from anomalib_diffusion.components import (
     HoldoutMixin,
     UNetConfig,
     as_int_tuple,
+    calibration_fraction_problem,
     check_training_config,
     collect_training_features,
     random_patches,
@@ -213,7 +214,6 @@ class GLAD(CheckpointOwnerMixin, FittedModuleMixin, HoldoutMixin, AnomalibModule
         )
         self._ema: EMAModel | None = None
         self._stepped = False  # whether the last training_step produced a loss (and so an optimiser step)
-        self._init_holdout()
 
     @classmethod
     def configure_pre_processor(cls, image_size: Sequence[int] | int | None = None) -> PreProcessor:
@@ -317,8 +317,8 @@ def _check_glad_config(ema_decay: float, calibration_fraction: float, calibratio
     problems = []
     if not 0 <= ema_decay < 1:
         problems.append(f"ema_decay={ema_decay} must be in [0, 1)")
-    if not 0 <= calibration_fraction <= 0.5:  # noqa: PLR2004
-        problems.append(f"calibration_fraction={calibration_fraction} must be in [0, 0.5]")
+    if problem := calibration_fraction_problem(calibration_fraction):
+        problems.append(problem)
     if not 0 < calibration_quantile <= 1:
         problems.append(f"calibration_quantile={calibration_quantile} must be in (0, 1]")
     if problems:

@@ -34,6 +34,7 @@ from anomalib_diffusion.components import (
     HoldoutMixin,
     UNetConfig,
     as_int_tuple,
+    calibration_fraction_problem,
     check_training_config,
     collect_training_features,
     int8_network_only,
@@ -157,12 +158,11 @@ class RADAR(CheckpointOwnerMixin, FittedModuleMixin, HoldoutMixin, AnomalibModul
             evaluator=evaluator,
             visualizer=visualizer,
         )
-        if not 0 <= calibration_fraction <= 0.5:  # noqa: PLR2004
-            msg = f"Invalid RADAR configuration: calibration_fraction={calibration_fraction} must be in [0, 0.5]."
+        if problem := calibration_fraction_problem(calibration_fraction):
+            msg = f"Invalid RADAR configuration: {problem}."
             raise ValueError(msg)
         self.calibration_fraction = calibration_fraction
         self.holdout_seed = noise_seed
-        self._init_holdout()
         self.learning_rate = learning_rate
         self.max_steps = max_steps
         self.patches_per_step = patches_per_step

@@ -17,7 +17,7 @@ map's highest values as the image score, which rises with the map everywhere.
 """
 
 import math
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from anomalib.data import InferenceBatch
@@ -43,8 +43,8 @@ from anomalib_diffusion.components.features import top_k_mean
 InferenceMode = Literal["patch", "full"]
 AnomalyMapName = Literal["noise", "sobel", "combined"]
 ImageScoreName = Literal["top_k", "forest"]
-ANOMALY_MAPS = ("noise", "sobel", "combined")
-IMAGE_SCORES = ("top_k", "forest")
+ANOMALY_MAPS = get_args(AnomalyMapName)
+IMAGE_SCORES = get_args(ImageScoreName)
 
 
 class RADARModel(nn.Module):
@@ -138,12 +138,16 @@ class RADARModel(nn.Module):
 
     def standardised_map(self, noise_map: torch.Tensor, edge_map: torch.Tensor) -> torch.Tensor:
         """The chosen anomaly map: smoothed, then standardised with the held-out normal images' statistics."""
+
+        def standardised(raw_map: torch.Tensor, index: int) -> torch.Tensor:  # index 0: noise map, 1: Sobel map
+            return (self.blur(raw_map) - self.map_mean[index]) / self.map_std[index]
+
         if self.anomaly_map == "sobel":
-            return (self.blur(edge_map) - self.map_mean[1]) / self.map_std[1]
-        noise = (self.blur(noise_map) - self.map_mean[0]) / self.map_std[0]
+            return standardised(edge_map, 1)
+        noise = standardised(noise_map, 0)
         if self.anomaly_map == "noise":
             return noise
-        return torch.maximum(noise, (self.blur(edge_map) - self.map_mean[1]) / self.map_std[1])
+        return torch.maximum(noise, standardised(edge_map, 1))
 
     def head_statistics(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, 6)`` per image: mean and mean square of the smoothed noise and Sobel maps, and the 2 forest features."""
