@@ -210,6 +210,58 @@ def latency(args: argparse.Namespace) -> None:
         report({"widths": name, **ms, "x_padim_min": round(min(values) / reference, 2)}, args.log)
 
 
+def profile(args: argparse.Namespace) -> None:
+    """Where the exported RADAR's time goes: OpenVINO's per-node counters, grouped by the part of the model."""
+    from anomalib_diffusion.models import RADAR, PadimLite0
+
+    core = ov.Core()
+    array = torch.rand(1, 3, 256, 256).numpy()
+    radar = RADAR(**json.loads(args.settings))
+    radar.model.fitted.fill_(True)  # untrained weights and statistics: the cost is the same
+    padim = PadimLite0()
+    padim.model.gaussian.mean = torch.zeros(100, 4096)
+    padim.model.gaussian.inv_covariance = torch.eye(100).expand(4096, 100, 100).contiguous()
+    config = compile_config("f32", PERFORMANCE_HINT="LATENCY")
+    with tempfile.TemporaryDirectory() as folder:
+        compiled = {}
+        for name, model in (("RADAR", radar), ("PadimLite0", padim)):
+            path = model.eval().to_openvino(Path(folder) / name, input_size=(256, 256))
+            compiled[name] = core.compile_model(path, "CPU", {**config, "PERF_COUNT": "YES"})
+    for name, model in compiled.items():
+        request = model.create_infer_request()
+        for _ in range(3):
+            request.infer([array])
+        totals: dict[str, float] = {}
+        wall = []
+        for _ in range(args.runs):
+            start = time.perf_counter()
+            request.infer([array])
+            wall.append(1000 * (time.perf_counter() - start))
+            for node in request.profiling_info:
+                if node.status == ov.ProfilingInfo.Status.EXECUTED:
+                    key = profile_group(node.node_name, node.node_type)
+                    totals[key] = totals.get(key, 0.0) + node.real_time.total_seconds() * 1000 / args.runs
+        top = dict(sorted(((key, round(ms, 2)) for key, ms in totals.items()), key=lambda item: -item[1])[:25])
+        report(
+            {
+                "model": name,
+                "median_ms": round(float(np.median(wall)), 1),
+                "nodes_ms": round(sum(totals.values()), 1),
+                "groups_ms": top,
+            },
+            args.log,
+        )
+
+
+def profile_group(node_name: str, node_type: str) -> str:
+    """A node's part of the model: the U-Net level its name carries, else its operation type."""
+    for marker in ("down_blocks", "up_blocks", "mid_block", "conv_in", "conv_out", "time_embedding", "conv_norm_out"):
+        if marker in node_name:
+            level = node_name.split(marker, 1)[1].lstrip("._/").split("/")[0].split(".")[0].split("_")[0]
+            return f"unet.{marker}.{level}" if level.isdigit() else f"unet.{marker}"
+    return f"{node_type}"
+
+
 def report(result: dict, log: Path | None) -> None:
     line = json.dumps(result)
     print(line, flush=True)
@@ -229,9 +281,12 @@ def main() -> None:
     scoring.add_argument("--forest-on-training-images", action="store_true", help="also fit the forest there")
     timing = commands.add_parser("latency", help="OpenVINO FP32 latency of RADAR widths against PaDiM")
     timing.add_argument("--widths", nargs="+", type=lambda text: tuple(int(w) for w in text.split(",")), required=True)
+    profiling = commands.add_parser("profile", help="per-part OpenVINO FP32 time of the exported RADAR and PaDiM")
+    profiling.add_argument("--settings", default="{}", help="JSON keyword arguments of RADAR (default: its defaults)")
+    profiling.add_argument("--runs", type=int, default=20)
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    quality(args) if args.command == "quality" else latency(args)
+    {"quality": quality, "latency": latency, "profile": profile}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
 import csv
 import subprocess
 import sys
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ from tests.conftest import TINY_DADDA, TINY_GLAD, TINY_RADAR
 from tests.helpers import image_tensor
 
 BIN = Path(sys.executable).parent
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -180,38 +183,47 @@ def test_anomalib_benchmark_runs_a_grid_of_all_three_models(demo_root: Path, tmp
     assert column("model.init_args.detector_steps") == [None, None, TINY_DADDA["detector_steps"]]
 
 
-def test_cli_trains_and_exports_glad_by_its_short_name(demo_root: Path, tmp_path: Path) -> None:
-    model_flags = [
+def tiny_flags(settings: dict) -> list[str]:
+    return [
         flag
-        for key, value in TINY_GLAD.items()
+        for key, value in settings.items()
         for flag in (f"--model.{key}", str(list(value)) if isinstance(value, tuple) else str(value))
     ]
+
+
+def train_and_export(name: str, train: list[str], work: Path) -> tuple[str, Path]:
+    """``anomalib train`` then ``anomalib export`` of its checkpoint under ``work``: the training's output, the IR."""
+    result = run([*train, "--trainer.accelerator", "cpu", "--default_root_dir", "results"], cwd=work)
+    [checkpoint] = (work / "results").rglob("model.ckpt")
+    export = [str(BIN / "anomalib"), "export", "--model", name, "--ckpt_path", str(checkpoint)]
+    run([*export, "--export_type", "openvino", "--export_root", "export"], cwd=work)
+    return result.stdout + result.stderr, work / "export" / "weights" / "openvino" / "model.xml"
+
+
+@pytest.fixture(scope="module")
+def glad_and_dadda_runs(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Future]]:
+    """GLAD's and DADDA's CLI pipelines, started together: each spends much of its time in single-threaded imports."""
     data_flags = ["--data", "anomalib.data.MVTecAD", "--data.root", str(demo_root), "--data.category", "brick"]
     data_flags += ["--data.num_workers", "0", "--data.train_batch_size", "4", "--data.eval_batch_size", "4"]
-    train = [str(BIN / "anomalib"), "train", "--model", "GLAD", *model_flags, *data_flags]
-    result = run([*train, "--trainer.accelerator", "cpu", "--default_root_dir", "results"], cwd=tmp_path)
-    assert "image_AUROC" in result.stdout + result.stderr
-    [checkpoint] = (tmp_path / "results").rglob("model.ckpt")
-    export = [str(BIN / "anomalib"), "export", "--model", "GLAD", "--ckpt_path", str(checkpoint)]
-    run([*export, "--export_type", "openvino", "--export_root", "export"], cwd=tmp_path)
-    assert (tmp_path / "export" / "weights" / "openvino" / "model.xml").is_file()
+    glad = [str(BIN / "anomalib"), "train", "--model", "GLAD", *tiny_flags(TINY_GLAD), *data_flags]
+    # configs/dadda.yaml + the tiny settings: MVTecADFewDefects resolves by class path, k comes from the CLI.
+    dadda = [str(BIN / "anomalib"), "train", "--config", str(CONFIGS / "dadda.yaml"), *tiny_flags(TINY_DADDA)]
+    dadda += ["--data.root", str(demo_root), "--data.defects_per_type", "1", "--data.train_batch_size", "4"]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        yield {
+            name: pool.submit(train_and_export, name, train, tmp_path_factory.mktemp(name))
+            for name, train in (("GLAD", glad), ("DADDA", dadda))
+        }
 
 
-def test_cli_trains_dadda_with_lent_defects_from_the_shipped_configs(demo_root: Path, tmp_path: Path) -> None:
-    """configs/dadda.yaml + the tiny settings: MVTecADFewDefects resolves by class path, k comes from the CLI."""
-    configs = Path(__file__).resolve().parents[2] / "configs"
-    model_flags = [
-        flag
-        for key, value in TINY_DADDA.items()
-        for flag in (f"--model.{key}", str(list(value)) if isinstance(value, tuple) else str(value))
-    ]
-    train = [str(BIN / "anomalib"), "train", "--config", str(configs / "dadda.yaml"), *model_flags]
-    train += ["--data.root", str(demo_root), "--data.defects_per_type", "1", "--data.train_batch_size", "4"]
-    result = run([*train, "--trainer.accelerator", "cpu", "--default_root_dir", "results"], cwd=tmp_path)
-    output = result.stdout + result.stderr
+def test_cli_trains_and_exports_glad_by_its_short_name(glad_and_dadda_runs: dict[str, Future]) -> None:
+    output, model_xml = glad_and_dadda_runs["GLAD"].result()
+    assert "image_AUROC" in output
+    assert model_xml.is_file()
+
+
+def test_cli_trains_dadda_with_lent_defects_from_the_shipped_configs(glad_and_dadda_runs: dict[str, Future]) -> None:
+    output, model_xml = glad_and_dadda_runs["DADDA"].result()
     assert "image_AUROC" in output
     assert "defect_type_accuracy" in output
-    [checkpoint] = (tmp_path / "results").rglob("model.ckpt")
-    export = [str(BIN / "anomalib"), "export", "--model", "DADDA", "--ckpt_path", str(checkpoint)]
-    run([*export, "--export_type", "openvino", "--export_root", "export"], cwd=tmp_path)
-    assert (tmp_path / "export" / "weights" / "openvino" / "model.xml").is_file()
+    assert model_xml.is_file()

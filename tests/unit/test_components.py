@@ -3,10 +3,12 @@
 import numpy as np
 import pytest
 import torch
+from anomalib.models.components import GaussianBlur2d
 from diffusers.models.upsampling import Upsample2D
 from sklearn.ensemble import IsolationForest
 
 from anomalib_diffusion.components import (
+    SeparableGaussianBlur,
     TensorIsolationForest,
     UNetConfig,
     average_path_length,
@@ -239,3 +241,18 @@ class TestImageChecks:
 
     def test_good_batch_passes(self) -> None:
         check_image_batch(torch.rand(2, 3, 64, 80), "RADAR", 64)
+
+
+class TestSeparableGaussianBlur:
+    def test_matches_anomalibs_full_kernel_blur(self) -> None:
+        maps = torch.rand(2, 1, 70, 90, generator=torch.Generator().manual_seed(0))
+        full = GaussianBlur2d(sigma=4.0, channels=1, kernel_size=25)
+        torch.testing.assert_close(SeparableGaussianBlur(4.0)(maps), full(maps), atol=1e-5, rtol=0)
+
+    def test_loads_a_state_dict_that_holds_anomalibs_kernel(self) -> None:
+        """RADAR / GLAD checkpoints written with anomalib's blur carry its kernel buffer."""
+        old = torch.nn.Sequential(GaussianBlur2d(sigma=2.0, channels=1, kernel_size=13))
+        new = torch.nn.Sequential(SeparableGaussianBlur(2.0))
+        assert list(old.state_dict()) == ["0.kernel"]
+        new.load_state_dict(old.state_dict())  # strict: would fail on an unexpected key
+        assert list(new.state_dict()) == []

@@ -1,5 +1,6 @@
 """Building blocks shared by the package's models."""
 
+from .blur import SeparableGaussianBlur
 from .checkpoints import CheckpointOwnerMixin
 from .edges import edge_features, global_l2, max_window_l2, sobel_edge_map
 from .holdout import HoldoutMixin, calibration_fraction_problem
@@ -22,6 +23,7 @@ __all__ = [
     "FittedModuleMixin",
     "FixedNoise",
     "HoldoutMixin",
+    "SeparableGaussianBlur",
     "calibration_fraction_problem",
     "check_training_config",
     "int8_network_only",

@@ -26,7 +26,6 @@ Scoring: the feature distance between the input and the reconstruction, Gaussian
 ``anomaly_map``; the mean of its top pixels is ``pred_score``.
 """
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -34,11 +33,16 @@ from typing import Literal
 import torch
 import torch.nn.functional as F  # noqa: N812
 from anomalib.data import InferenceBatch
-from anomalib.models.components import GaussianBlur2d
 from diffusers import DDIMScheduler
 from torch import nn
 
-from anomalib_diffusion.components import FixedNoise, UNetConfig, build_unet, make_ddpm_scheduler
+from anomalib_diffusion.components import (
+    FixedNoise,
+    SeparableGaussianBlur,
+    UNetConfig,
+    build_unet,
+    make_ddpm_scheduler,
+)
 from anomalib_diffusion.components.features import (
     EfficientNetLite0Features,
     UNetEncoderFeatures,
@@ -138,8 +142,7 @@ class GLADModel(nn.Module):
         else:
             self.features = EfficientNetLite0Features(feature_layers)
         self.inference_noise = FixedNoise(unet.in_channels, noise_seed)
-        kernel_size = 2 * math.ceil(3 * anomaly_map_sigma) + 1
-        self.blur = GaussianBlur2d(sigma=anomaly_map_sigma, channels=1, kernel_size=kernel_size)
+        self.blur = SeparableGaussianBlur(anomaly_map_sigma)
         steps = len(self.search_timesteps)
         # Calibrated at the end of fitting on held-out normal training images (see GLAD.calibrate).
         self.register_buffer("tau", torch.full((steps,), torch.inf))

@@ -21,11 +21,11 @@ from typing import Literal, get_args
 
 import torch
 from anomalib.data import InferenceBatch
-from anomalib.models.components import GaussianBlur2d
 from torch import nn
 
 from anomalib_diffusion.components import (
     FixedNoise,
+    SeparableGaussianBlur,
     TensorIsolationForest,
     UNetConfig,
     build_unet,
@@ -103,8 +103,7 @@ class RADARModel(nn.Module):
         self.unet = build_unet(unet)
         self.scheduler = make_ddpm_scheduler()
         self.forest = TensorIsolationForest(n_estimators=n_estimators, contamination=contamination)
-        kernel_size = 2 * math.ceil(3 * anomaly_map_sigma) + 1
-        self.blur = GaussianBlur2d(sigma=anomaly_map_sigma, channels=1, kernel_size=kernel_size)
+        self.blur = SeparableGaussianBlur(anomaly_map_sigma)
         self.anomaly_map = anomaly_map
         self.image_score = image_score
         self.top_k_fraction = top_k_fraction
