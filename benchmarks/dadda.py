@@ -47,7 +47,7 @@ from anomalib_diffusion.federated.sites import Site, split_into_sites
 from anomalib_diffusion.models import DADDA
 
 sys.path.insert(0, str(Path(__file__).parent))
-from radar_vs_padim import machine_info, markdown_table, save_figure_atomically, write_atomically  # noqa: E402
+from radar_vs_padim import machine_info, markdown_table, save_figure_atomically, write_atomically
 
 REPORT = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "dadda.md"
 FIGURE = Path(__file__).resolve().parents[1] / "docs" / "figures" / "dadda_defects.png"
@@ -154,7 +154,7 @@ def federated(root: Path, category: str, args: argparse.Namespace, settings: dic
     command = [sys.executable, "-m", "anomalib_diffusion.federated", "simulate", "--root", str(root)]
     command += ["--category", category, "--sites", str(args.sites), "--config", str(config_path)]
     command += ["--work-dir", str(work / "federation")]
-    subprocess.run(command, check=True)  # noqa: S603
+    subprocess.run(command, check=True)
     global_model = DADDA.load_from_checkpoint(work / "federation" / "global.ckpt")
     rows = []
     for site in sites:
@@ -191,7 +191,7 @@ def draw_defects(model: DADDA, data: MVTecADFewDefects, path: Path) -> None:
 
     dam = model._require_dam()
     normals = model._normal_images
-    assert normals is not None
+    assert normals is not None  # noqa: S101 - set by fit
     count = len(model.type_names)
     figure, axes = plt.subplots(3, count, figsize=(2.4 * count, 7.5), squeeze=False)
     lent = data.defect_data
@@ -207,7 +207,7 @@ def draw_defects(model: DADDA, data: MVTecADFewDefects, path: Path) -> None:
         panels = [(real, "real (lent)"), (pasted.images[0], "DAM output"), (generated[0], "generated")]
         for row, (image, label) in enumerate(panels):
             axes[row, column].imshow(image.permute(1, 2, 0).clamp(0, 1).numpy())
-            if row == 2 and masks[0].any():  # noqa: PLR2004
+            if row == 2 and masks[0].any():
                 axes[row, column].contour(masks[0, 0].numpy(), levels=[0.5], colors="white", linewidths=0.6)
             axes[row, 0].set_ylabel(label)
         axes[0, column].set_title(name, fontsize=9)
@@ -229,11 +229,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         make_demo_dataset(data_root, categories=categories, seed=args.data_seed, progress=False, **sizes)
         start = time.perf_counter()
         figure = None if args.figure == "-" or (args.quick and args.figure is None) else Path(args.figure or FIGURE)
-        rows = []
-        for category in categories:
-            rows.append(
-                per_category(data_root, category, args, settings, work, figure if category == categories[0] else None)
-            )
+        rows = [
+            per_category(data_root, category, args, settings, work, figure if category == categories[0] else None)
+            for category in categories
+        ]
         federated_rows = federated(data_root, categories[0], args, settings, work / "federated")
         minutes = (time.perf_counter() - start) / 60
     command = "python benchmarks/dadda.py " + " ".join(argv if argv is not None else sys.argv[1:])

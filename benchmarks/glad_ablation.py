@@ -42,7 +42,7 @@ from anomalib_diffusion.data import DEMO_CATEGORIES, make_demo_dataset
 from anomalib_diffusion.models import GLAD
 
 sys.path.insert(0, str(Path(__file__).parent))
-from radar_vs_padim import machine_info, markdown_table, save_figure_atomically, write_atomically  # noqa: E402
+from radar_vs_padim import machine_info, markdown_table, save_figure_atomically, write_atomically
 
 REPORT = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "glad_ablation.md"
 FIGURE = Path(__file__).resolve().parents[1] / "docs" / "figures" / "glad_demo.png"

@@ -42,7 +42,7 @@ from lightning import seed_everything
 from anomalib_diffusion.models import GLAD, RADAR
 
 sys.path.insert(0, str(Path(__file__).parent))
-from radar_vs_padim import OPENVINO_CONFIG, machine_info, markdown_table, write_atomically  # noqa: E402
+from radar_vs_padim import OPENVINO_CONFIG, machine_info, markdown_table, write_atomically
 
 REPORT = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "glad_latency.md"
 _GLAD_DEFAULTS = inspect.signature(GLAD.__init__).parameters

@@ -85,10 +85,10 @@ def main() -> None:
         work = Path(temporary)
         root = make_demo_dataset(work / "data", categories=args.categories, seed=args.seed)
         rows = [row for category in args.categories for row in sweep(category, root, work, args)]
-    print("| category | mode | t | image AUROC | pixel AUROC | s / image |")  # noqa: T201
-    print("|---|---|---|---|---|---|")  # noqa: T201
+    print("| category | mode | t | image AUROC | pixel AUROC | s / image |")
+    print("|---|---|---|---|---|---|")
     for category, mode, timestep, image_auroc, pixel_auroc, seconds in rows:
-        print(f"| {category} | {mode} | {timestep} | {image_auroc:.3f} | {pixel_auroc:.3f} | {seconds:.2f} |")  # noqa: T201
+        print(f"| {category} | {mode} | {timestep} | {image_auroc:.3f} | {pixel_auroc:.3f} | {seconds:.2f} |")
 
 
 if __name__ == "__main__":

@@ -44,8 +44,8 @@ from anomalib_diffusion.data import make_demo_dataset
 from anomalib_diffusion.deploy.openvino_runtime import OpenVINODetector, image_paths, read_image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from radar_vs_padim import OPENVINO_CONFIG, machine_info, markdown_table, save_figure_atomically, write_atomically  # noqa: E402
-from report import QUICK_SETTINGS  # noqa: E402
+from radar_vs_padim import OPENVINO_CONFIG, machine_info, markdown_table, save_figure_atomically, write_atomically
+from report import QUICK_SETTINGS
 
 REPO = Path(__file__).resolve().parents[1]
 REPORT = REPO / "docs" / "benchmarks" / "soak.md"

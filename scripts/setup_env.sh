@@ -13,8 +13,9 @@ if [ ! -x "$venv/bin/python" ]; then
     echo "==> Creating virtual environment $venv"
     "$python_bin" -m venv "$venv"
 fi
-echo "==> Installing anomalib-diffusion and its pinned dependencies (torch 2.14.1, anomalib 2.7.0, ...)"
+echo "==> Installing anomalib-diffusion with the tested dependency set (constraints.txt: torch 2.14.1, anomalib 2.7.0, ...)"
 "$venv/bin/python" -m pip install --quiet --upgrade pip
-# A regular (non-editable) install, as users get it: the .pth import hook comes from the wheel.
-"$venv/bin/python" -m pip install --quiet --progress-bar on "$repo[test]"
+# A regular (non-editable) install, as users get it: the .pth import hook comes from the wheel. pyproject.toml
+# declares ranges; constraints.txt pins every package to the set the suite is run with.
+"$venv/bin/python" -m pip install --quiet --progress-bar on -c "$repo/constraints.txt" "$repo[test]"
 export PATH="$venv/bin:$PATH"

@@ -4,6 +4,8 @@ Training even a tiny diffusion U-Net costs seconds on 2 CPU cores, so the traine
 session fixtures that the end-to-end tests share (they only read them).
 """
 
+import json
+import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,10 +171,9 @@ def export_openvino(trained: TrainedModel, root: Path, keep_onnx: Path | None = 
     """The model's OpenVINO IR as ``anomalib export`` writes it (dynamic height and width).
 
     anomalib converts to OpenVINO from an ONNX file that it writes with ``to_onnx`` into a temporary folder;
-    ``keep_onnx`` keeps a copy of that file, so that a test of the ONNX export needs no second export.
+    ``keep_onnx`` keeps a copy of that file, so that a test of the ONNX export needs no second export. What this
+    package logs during the export is kept too: :func:`export_messages` reads it.
     """
-    if keep_onnx is None:
-        return trained.engine.export(model=trained.model, export_type=ExportType.OPENVINO, export_root=root)
     to_onnx = trained.model.to_onnx
 
     def to_onnx_and_keep(*args: object, **kwargs: object) -> Path:
@@ -182,11 +183,29 @@ def export_openvino(trained: TrainedModel, root: Path, keep_onnx: Path | None = 
             shutil.copy(weights, keep_onnx.parent / f"{keep_onnx.name}.data")
         return path
 
-    trained.model.to_onnx = to_onnx_and_keep
+    messages: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: messages.append(record.getMessage())  # type: ignore[method-assign]
+    package_logger = logging.getLogger("anomalib_diffusion")
+    level = package_logger.level
+    package_logger.addHandler(handler)
+    package_logger.setLevel(logging.INFO)
+    if keep_onnx is not None:
+        trained.model.to_onnx = to_onnx_and_keep
     try:
-        return trained.engine.export(model=trained.model, export_type=ExportType.OPENVINO, export_root=root)
+        model_xml = trained.engine.export(model=trained.model, export_type=ExportType.OPENVINO, export_root=root)
     finally:
-        del trained.model.to_onnx
+        package_logger.removeHandler(handler)
+        package_logger.setLevel(level)
+        if keep_onnx is not None:
+            del trained.model.to_onnx
+    (root / "export_messages.json").write_text(json.dumps(messages))
+    return model_xml
+
+
+def export_messages(model_xml: Path) -> list[str]:
+    """What this package logged while :func:`export_openvino` wrote ``model_xml``."""
+    return json.loads((model_xml.parents[2] / "export_messages.json").read_text())
 
 
 @pytest.fixture(scope="session")

@@ -39,7 +39,7 @@ def labels_of(paths: list[Path]) -> np.ndarray:
     return np.array([int(path.parent.name != "good") for path in paths])
 
 
-def compile_openvino(model_path: Path, precision: str):  # noqa: ANN201  (openvino is imported lazily)
+def compile_openvino(model_path: Path, precision: str):
     """Compile ``model_path`` for the CPU in ``precision`` and check that OpenVINO computes in it."""
     import openvino as ov
 
@@ -49,7 +49,7 @@ def compile_openvino(model_path: Path, precision: str):  # noqa: ANN201  (openvi
     return compiled
 
 
-def openvino_outputs(compiled, images: torch.Tensor) -> dict[str, np.ndarray]:  # noqa: ANN001
+def openvino_outputs(compiled, images: torch.Tensor) -> dict[str, np.ndarray]:
     """Every named output of a compiled export for ``images``, one image per call, concatenated."""
     results: dict[str, list[np.ndarray]] = {}
     for index in range(images.shape[0]):
@@ -84,7 +84,7 @@ def image_auroc(scores: np.ndarray | torch.Tensor, labels: np.ndarray) -> float:
 
 def assert_image_auroc_at_least(scores: np.ndarray | torch.Tensor, labels: np.ndarray, floor: float) -> float:
     """The scores rank defective images above good ones with an image AUROC of at least ``floor`` (> 0.5)."""
-    assert floor > 0.5, "a floor at or below chance cannot fail for a random score"  # noqa: PLR2004
+    assert floor > 0.5, "a floor at or below chance cannot fail for a random score"
     labels = np.asarray(labels)
     assert set(labels.tolist()) == {0, 1}, "the check needs good and defective images"
     auroc = image_auroc(scores, labels)

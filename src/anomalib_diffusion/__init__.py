@@ -18,7 +18,7 @@ _MODELS = ("RADAR", "GLAD", "DADDA")
 # anomalib's own PaDiM, PatchCore and DRAEM set up to run offline (anomalib_diffusion.models.peers).
 _PEERS = ("PadimLite0", "PatchcoreLite0", "DraemOffline")
 
-__all__ = ["__version__", *_MODELS]
+__all__ = ["DADDA", "GLAD", "RADAR", "__version__"]
 
 
 def __getattr__(name: str) -> Any:  # noqa: ANN401

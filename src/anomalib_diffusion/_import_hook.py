@@ -102,17 +102,17 @@ def register_models() -> None:
         return
     try:
         importlib.import_module(PLUGIN_MODULE)
-    except Exception:  # noqa: BLE001
+    except Exception:
         logger.warning("anomalib-diffusion could not register its models with anomalib.", exc_info=True)
 
 
 def patch_benchmark_job(module: ModuleType) -> None:
     """Let ``anomalib benchmark`` collect results of models with different settings and metrics."""
     try:
-        from anomalib_diffusion.compat import patch_benchmark_job as patch  # noqa: PLC0415
+        from anomalib_diffusion.compat import patch_benchmark_job as patch
 
         patch(module)
-    except Exception:  # noqa: BLE001
+    except Exception:
         logger.warning("anomalib-diffusion could not patch anomalib's benchmark result collection.", exc_info=True)
 
 

@@ -85,7 +85,7 @@ def test_cli_export_and_openvino_predict_write_an_overlay(
     )
     model_xml = next((tmp_path / "export").rglob("model.xml"))
     assert "config={'INFERENCE_PRECISION_HINT': 'f32'}" in exported.stdout + exported.stderr
-    image = sorted((demo_root / "brick" / "test" / "scratch").glob("*.png"))[0]
+    image = min((demo_root / "brick" / "test" / "scratch").glob("*.png"))
     result = run(
         [
             str(BIN / "anomalib-diffusion-predict"),

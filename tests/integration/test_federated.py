@@ -64,7 +64,7 @@ class TestWeights:
 
     def test_weights_of_another_model_shape_are_named(self) -> None:
         other = DADDA(**(TINY_DADDA | {"detector_width": 16}))
-        with pytest.raises(ValueError, match="arrived with shape .* different settings"):
+        with pytest.raises(ValueError, match=r"arrived with shape .* different settings"):
             load_state_arrays(DADDA(**TINY_DADDA), state_arrays(other))
 
 
@@ -92,7 +92,7 @@ def test_simulate_trains_two_sites_and_writes_an_exportable_global_model(demo_ro
     command = [sys.executable, "-m", "anomalib_diffusion.federated", "simulate", "--root", str(demo_root)]
     command += ["--category", "brick", "--sites", "2", "--rounds", "2", "--work-dir", str(work)]
     command += ["--config", str(write_config(tmp_path / "federated.yaml"))]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT, check=False)  # noqa: S603
+    result = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT, check=False)
     logs = "\n".join(path.read_text()[-3000:] for path in sorted((work / "logs").glob("*.log")))
     assert result.returncode == 0, result.stderr + logs
     threads = site_threads(2)
@@ -145,24 +145,28 @@ def test_a_site_dropping_out_mid_round_is_survived(demo_root: Path, tmp_path: Pa
     address = f"127.0.0.1:{free_port()}"
     base = [sys.executable, "-m", "anomalib_diffusion.federated"]
     types = sorted({name for site in sites for name in site.defect_types})
-    server = subprocess.Popen(  # noqa: S603
-        [*base, "server", "--address", address, "--sites", "3", "--min-sites", "2", "--rounds", "2"]
-        + ["--config", str(config), "--output", str(tmp_path / "global.ckpt"), "--defect-types", *types],
+    server = subprocess.Popen(
+        [
+            *[*base, "server", "--address", address, "--sites", "3", "--min-sites", "2", "--rounds", "2"],
+            *["--config", str(config), "--output", str(tmp_path / "global.ckpt"), "--defect-types", *types],
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
     clients = [
-        subprocess.Popen(  # noqa: S603
-            [*base, "site", "--address", address, "--root", str(site.root), "--category", "brick"]
-            + ["--config", str(config), "--work-dir", str(tmp_path / site.name)],
+        subprocess.Popen(
+            [
+                *[*base, "site", "--address", address, "--root", str(site.root), "--category", "brick"],
+                *["--config", str(config), "--work-dir", str(tmp_path / site.name)],
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
         for site in sites[:2]
     ]
     dropping_log = (tmp_path / "dropping.log").open("w")
-    dropping = subprocess.Popen(  # noqa: S603
+    dropping = subprocess.Popen(
         [sys.executable, "-c", DROPPING_SITE, address, str(sites[2].root), str(config)],
         stdout=dropping_log,
         stderr=subprocess.STDOUT,

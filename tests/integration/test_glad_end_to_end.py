@@ -76,7 +76,7 @@ def test_a_radar_checkpoint_is_refused_by_name(trained_radar: TrainedModel) -> N
 
 
 def test_a_checkpoint_with_other_adaptive_settings_names_them(trained_glad: TrainedModel, demo_root: Path) -> None:
-    with pytest.raises(ValueError, match="min_timestep=300.*min_timestep=200"):
+    with pytest.raises(ValueError, match=r"min_timestep=300.*min_timestep=200"):
         trained_glad.engine.test(
             model=GLAD(**(REFERENCE_GLAD | {"min_timestep": 200})),
             datamodule=tiny_datamodule(demo_root),
@@ -145,7 +145,7 @@ def test_int8_weight_compression_keeps_the_map(
     import openvino as ov
 
     core = ov.Core()
-    compressed = trained_glad.model._compress_ov_model(core.read_model(glad_openvino), CompressionType.INT8)  # noqa: SLF001
+    compressed = trained_glad.model._compress_ov_model(core.read_model(glad_openvino), CompressionType.INT8)
     path = tmp_path / "model.xml"
     ov.save_model(compressed, path)
     int8_weights = [

@@ -66,5 +66,5 @@ def test_patchcore_int8_ptq_with_a_static_input_size(
     types = {op.get_type_name() for op in ov.Core().read_model(xml).get_ops()}
     assert "FakeQuantize" in types or "FakeConvert" in types
     outputs = compiled(np.random.default_rng(0).random((1, 3, 64, 64), dtype=np.float32))
-    scores = [outputs[port] for port in compiled.outputs if "pred_score" in port.names][0]
+    scores = next(outputs[port] for port in compiled.outputs if "pred_score" in port.names)
     assert np.isfinite(scores).all()

@@ -236,7 +236,7 @@ class TestImageChecks:
             check_image_batch(images, "RADAR", 64)
 
     def test_non_tensor_is_a_type_error(self) -> None:
-        with pytest.raises(TypeError, match="torch.Tensor"):
+        with pytest.raises(TypeError, match=r"torch.Tensor"):
             check_image_batch(np.zeros((1, 3, 64, 64)), "RADAR", 64)
 
     def test_good_batch_passes(self) -> None:

@@ -8,6 +8,8 @@ import yaml
 
 from anomalib_diffusion.federated.cli import DEFAULTS, load_config
 from anomalib_diffusion.models import DADDA, GLAD, RADAR
+from anomalib_diffusion.shipped_configs import config_names, config_text
+from anomalib_diffusion.shipped_configs import main as config_main
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 NOT_IN_CONFIG = {"self", "pre_processor", "post_processor", "evaluator", "visualizer"}
@@ -99,3 +101,16 @@ def test_fitting_says_when_thresholds_would_come_from_test_labels(
     assert ("fitted on test labels" in caplog.text) is warned
     if warned:
         assert "--data.val_split_mode synthetic" in caplog.text
+
+
+def test_the_shipped_configs_are_reachable_by_name(capsys: pytest.CaptureFixture[str]) -> None:
+    """``anomalib-diffusion-config``: the same files as configs/ (the wheel carries them: scripts/check_wheel.py)."""
+    assert config_names() == sorted(path.stem for path in CONFIGS.glob("*.yaml"))
+    assert config_text("radar") == (CONFIGS / "radar.yaml").read_text()
+    config_main(["glad_demo"])
+    assert capsys.readouterr().out == (CONFIGS / "glad_demo.yaml").read_text()
+    with pytest.raises(ValueError, match=r"No shipped config named 'radr'; choose one of: benchmark, dadda"):
+        config_text("radr")
+    with pytest.raises(SystemExit):
+        config_main(["radr"])
+    assert "No shipped config named 'radr'" in capsys.readouterr().err

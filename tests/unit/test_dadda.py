@@ -51,7 +51,7 @@ class TestDefectGenerator:
         assert output.shape == (2, 3, 32, 32)
         outside = masks.expand_as(output) == 0
         torch.testing.assert_close(output[outside], background[outside], atol=1e-6, rtol=0)
-        assert 0 <= output.min() and output.max() <= 1
+        assert output.min() >= 0 and output.max() <= 1
 
     def test_generation_is_repeatable_with_a_seeded_generator(self) -> None:
         generator = tiny_generator().eval()

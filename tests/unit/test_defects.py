@@ -99,7 +99,7 @@ class TestTransforms:
             assert set(augmented.mask.unique().tolist()) <= {0.0, 1.0}
             assert augmented.mask[0].any(dim=0).all() and augmented.mask[0].any(dim=1).all(), "cropped to the mask"
             assert augmented.defect_type == 2
-            assert 0 <= augmented.patch.min() and augmented.patch.max() <= 1
+            assert augmented.patch.min() >= 0 and augmented.patch.max() <= 1
 
     def test_cutout_augmentation_without_strength_is_the_identity(self) -> None:
         augmentation = CutoutAugmentation(0.0, (1.0, 1.0), False, 0.0, 0.0, 0.0, 0.0)

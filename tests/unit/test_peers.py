@@ -82,7 +82,7 @@ def test_draem_offline_bounds_training_and_needs_no_download(tmp_path: Path) -> 
 
 
 def test_draem_offline_bad_settings_are_refused(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="texture_dir .* is not a folder"):
+    with pytest.raises(FileNotFoundError, match=r"texture_dir .* is not a folder"):
         DraemOffline(texture_dir=tmp_path / "missing")
     with pytest.raises(ValueError, match="max_epochs must be at least 1"):
         DraemOffline(max_epochs=0)

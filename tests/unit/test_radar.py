@@ -248,7 +248,7 @@ class TestEmptyTrainingSet:
         (tmp_path / "good").mkdir()
         datamodule = Folder(name="empty", root=tmp_path, normal_dir="good", num_workers=0)
         engine = Engine(accelerator="cpu", devices=1, logger=False, default_root_dir=tmp_path)
-        with pytest.raises(RuntimeError, match="Found 0 .*NORMAL images"):
+        with pytest.raises(RuntimeError, match=r"Found 0 .*NORMAL images"):
             engine.fit(model=RADAR(**TINY), datamodule=datamodule)
 
     def test_forest_fitting_names_an_empty_training_split(self) -> None:

@@ -17,9 +17,7 @@ def run_python(code: str) -> subprocess.CompletedProcess:
 def run_python_concurrently(codes: dict[str, str]) -> dict[str, subprocess.CompletedProcess]:
     """Each program in its own fresh process, all started at once: anomalib's import (single-threaded) dominates each."""
     processes = {
-        name: subprocess.Popen(  # noqa: S603
-            [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
+        name: subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for name, code in codes.items()
     }
     results = {}

@@ -8,7 +8,6 @@ per pixel.
 """
 
 import math
-from typing import Any
 
 import torch
 from kornia.filters import GaussianBlur2d
@@ -25,6 +24,6 @@ class SeparableGaussianBlur(GaussianBlur2d):
         size = 2 * math.ceil(3 * sigma) + 1
         super().__init__((size, size), (sigma, sigma), border_type="reflect", separable=True)
 
-    def _load_from_state_dict(self, state_dict: dict[str, torch.Tensor], prefix: str, *args: Any) -> None:
+    def _load_from_state_dict(self, state_dict: dict[str, torch.Tensor], prefix: str, *args: object) -> None:
         state_dict.pop(prefix + "kernel", None)
         super()._load_from_state_dict(state_dict, prefix, *args)

@@ -27,8 +27,8 @@ def average_path_length(n_samples: np.ndarray) -> np.ndarray:
     """``c(n) = 2 H(n-1) - 2 (n-1) / n``, with ``c(1) = 0`` and ``c(2) = 1`` (Liu et al., eq. 1)."""
     n = np.asarray(n_samples, dtype=np.float64)
     result = np.zeros_like(n)
-    result[n == 2] = 1.0
-    large = n > 2
+    result[n == 2] = 1.0  # noqa: PLR2004 - c(2) = 1 in the paper's formula
+    large = n > 2  # noqa: PLR2004 - the formula's general case
     result[large] = 2.0 * (np.log(n[large] - 1.0) + np.euler_gamma) - 2.0 * (n[large] - 1.0) / n[large]
     return result
 

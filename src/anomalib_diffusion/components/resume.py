@@ -43,7 +43,7 @@ def rng_states() -> dict[str, Any]:
     Plain values only, so that checkpoints still load with ``torch.load(..., weights_only=True)``
     (anomalib restores ``ckpt_path`` that way).
     """
-    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()  # noqa: NPY002 - the global state is what is resumed
     numpy_state = (kind, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached_gaussian))
     states: dict[str, Any] = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
     if torch.cuda.is_available():
@@ -55,7 +55,7 @@ def restore_rng_states(states: dict[str, Any]) -> None:
     """Set the global random generators to ``states`` (from :func:`rng_states`)."""
     torch.set_rng_state(states["torch"])
     kind, keys, position, has_gauss, cached_gaussian = states["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))  # noqa: NPY002
     random.setstate(states["python"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])

@@ -8,7 +8,7 @@ def check_image_batch(images: torch.Tensor, model_name: str, min_size: int, chan
     if not isinstance(images, torch.Tensor):
         msg = f"{model_name} expects a torch.Tensor batch of images, got {type(images).__name__}."
         raise TypeError(msg)
-    if images.ndim != 4:
+    if images.ndim != 4:  # noqa: PLR2004 - (B, C, H, W)
         msg = (
             f"{model_name} expects images shaped (batch, channels, height, width), got shape "
             f"{tuple(images.shape)}; add a batch dimension with images.unsqueeze(0)."

@@ -177,7 +177,7 @@ def _clean_crop(category: str, rng: np.random.Generator, image_size: int) -> np.
     if crop != image_size:
         gray = cv2.resize(gray, (image_size, image_size), interpolation=cv2.INTER_AREA)
     gray = np.rot90(gray, k=int(rng.integers(4)))
-    if rng.random() < 0.5:
+    if rng.random() < 0.5:  # noqa: PLR2004 - a coin flip
         gray = gray[:, ::-1]
     return _tint(np.ascontiguousarray(gray), category)
 
@@ -220,13 +220,13 @@ def _scratch(image: np.ndarray, rng: np.random.Generator, _category: str) -> np.
     curve = (1 - t) ** 2 * start + 2 * t * (1 - t) * control + t**2 * end
     # 2-4 px from 64 to 256 px images; thinner below and wider above, so that a scratch keeps its
     # look and its share of the image area.
-    scale = size / 256 if size > 256 else min(1.0, size / 64)
+    scale = size / 256 if size > 256 else min(1.0, size / 64)  # noqa: PLR2004
     thickness = max(1, round(int(rng.integers(2, 5)) * scale))
     canvas = np.zeros((size, size), dtype=np.uint8)
     # LINE_8 rather than anti-aliased: a scratch has a hard edge, and so has its mask.
     cv2.polylines(canvas, [np.round(curve).astype(np.int32)], isClosed=False, color=1, thickness=thickness)
     region = canvas.astype(bool)
-    colour = np.array((0.94, 0.93, 0.90) if _luminance(image[region]).mean() < 0.5 else (0.05, 0.05, 0.06))
+    colour = np.array((0.94, 0.93, 0.90) if _luminance(image[region]).mean() < 0.5 else (0.05, 0.05, 0.06))  # noqa: PLR2004
     # Per-pixel jitter keeps the scratch from looking like a flat vector drawing.
     jitter = rng.normal(0.0, 0.03, size=(int(region.sum()), 1))
     result = image.copy()

@@ -92,7 +92,7 @@ class MVTecADFewDefects(FewDefectsMixin, MVTecAD):
         **kwargs: ``MVTecAD``'s arguments (root, category, batch sizes, ...).
     """
 
-    def __init__(self, defects_per_type: int = 0, defect_seed: int = 0, **kwargs) -> None:  # noqa: ANN003
+    def __init__(self, defects_per_type: int = 0, defect_seed: int = 0, **kwargs) -> None:
         super().__init__(**kwargs)
         self.defects_per_type = defects_per_type
         self.defect_seed = defect_seed

@@ -187,7 +187,7 @@ def image_paths(source: Path) -> list[Path]:
 
 def _progress(items: Sequence[Path], description: str) -> Iterable[Path]:
     try:
-        from tqdm import tqdm  # noqa: PLC0415  (optional on an edge machine)
+        from tqdm import tqdm
     except ImportError:
         return items
     return tqdm(items, desc=description, unit="img", disable=None if len(items) > 1 else True)
@@ -261,7 +261,7 @@ def watch(
     return handled
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> None:  # noqa: C901, PLR0915 - one flat CLI
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, required=True, help="Exported model.xml (or .onnx).")
     parser.add_argument("--input", type=Path, required=True, help="An image file or a folder of images.")

@@ -19,6 +19,7 @@ import argparse
 import importlib.util
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -212,7 +213,7 @@ def _wait_all(processes: dict[str, subprocess.Popen], server_log: Path, rounds: 
             progress.update(rounds - progress.n)
     for process in processes.values():
         process.wait()
-    return [name for name, process in processes.items() if process.returncode != 0 and process.returncode != -9]
+    return [name for name, process in processes.items() if process.returncode not in {0, -signal.SIGKILL}]
 
 
 def _start(command: list[str], log: Path) -> subprocess.Popen:

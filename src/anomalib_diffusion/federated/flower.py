@@ -27,20 +27,20 @@ from typing import Any
 # Flower reports usage to its servers unless told not to; sites behind a factory firewall cannot reach them.
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
-import flwr  # noqa: E402
-import lightning  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from anomalib.engine import Engine  # noqa: E402
-from flwr.common import Metrics, Scalar, ndarrays_to_parameters, parameters_to_ndarrays  # noqa: E402
-from flwr.server.strategy import FedAvg  # noqa: E402
-from lightning import seed_everything  # noqa: E402
+import flwr
+import lightning
+import numpy as np
+import torch
+from anomalib.engine import Engine
+from flwr.common import Metrics, Scalar, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.server.strategy import FedAvg
+from lightning import seed_everything
 
-from anomalib_diffusion.components.files import atomic_write  # noqa: E402
-from anomalib_diffusion.data import MVTecADFewDefects  # noqa: E402
-from anomalib_diffusion.models import DADDA  # noqa: E402
+from anomalib_diffusion.components.files import atomic_write
+from anomalib_diffusion.data import MVTecADFewDefects
+from anomalib_diffusion.models import DADDA
 
-from .weights import audit_payload, load_state_arrays, state_arrays  # noqa: E402
+from .weights import audit_payload, load_state_arrays, state_arrays
 
 logger = logging.getLogger(__name__)
 
@@ -206,7 +206,7 @@ class DADDAFedAvg(FedAvg):
             )
         return super().configure_fit(server_round, parameters, client_manager)
 
-    def aggregate_fit(self, server_round: int, results: list, failures: list) -> tuple[Any, dict[str, Scalar]]:  # noqa: ANN401
+    def aggregate_fit(self, server_round: int, results: list, failures: list) -> tuple[Any, dict[str, Scalar]]:
         for _, fit_res in results:
             self.received_shapes.append([tuple(array.shape) for array in parameters_to_ndarrays(fit_res.parameters)])
         if not results:
@@ -276,8 +276,8 @@ def run_server(
         "dropouts": strategy.dropouts,
         "site_updates": len(strategy.received_shapes),
         "updates_were_weights_only": all(shapes == weight_shapes for shapes in strategy.received_shapes),
-        "fit_metrics": {name: values for name, values in history.metrics_distributed_fit.items()},
-        "evaluate_metrics": {name: values for name, values in history.metrics_distributed.items()},
+        "fit_metrics": dict(history.metrics_distributed_fit),
+        "evaluate_metrics": dict(history.metrics_distributed),
     }
     report_path = checkpoint.with_suffix(".json")
     temporary = report_path.with_name(f".{report_path.name}.tmp")
