@@ -221,6 +221,24 @@ class TestDefectTypeHead:
         assert set(drawn[0][4:].tolist()) <= {0, 2}, "an unheld type takes its mask from any held region"
         assert masks.flatten(1).any(dim=1).all()
 
+    def test_a_generated_defect_is_labelled_only_inside_the_crop_it_was_drawn_in(self) -> None:
+        """A pasted scratch longer than patch_size (32): the generator redraws a 32-px crop of it, nothing else."""
+        model = dadda_with_bank("dam")
+        normals = model._normal_images[:2]
+        long_masks = torch.zeros(2, 1, 64, 64)
+        long_masks[:, :, 30:33, 4:60] = 1  # 56 px long
+        scratched = torch.where(long_masks.bool(), torch.zeros_like(normals), normals)
+        model.dam.forward = lambda images, defect_types=None: DefectSamples(  # type: ignore[method-assign]
+            scratched, long_masks, torch.zeros(2, dtype=torch.long)
+        )
+        images, masks = model.defective_batch(normals, 1.0, 1.0)
+        [columns] = {tuple(column) for column in masks[:, 0].any(dim=1).nonzero()[:, 1].view(2, -1).tolist()}
+        assert len(columns) == 32, "the label is the mask within the generator's 32-px crop"
+        assert set(columns) < set(range(4, 60))
+        outside = torch.ones(64, dtype=torch.bool)
+        outside[list(columns)] = False
+        torch.testing.assert_close(images[..., outside], normals[..., outside])  # no defect drawn, none labelled
+
     def test_the_generated_source_fits_every_type_and_dam_only_the_held_ones(self) -> None:
         model = dadda_with_bank("generated", defect_types=["blob", "crack", "scratch"])
         model.fit_defect_type_head()

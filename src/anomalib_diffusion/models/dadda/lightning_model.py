@@ -343,12 +343,14 @@ class DADDA(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
         generate = keep & (torch.rand(images.shape[0]) < generated_fraction).to(images.device)
         if generate.any():
             corners = defect_crop_boxes(masks[generate], self.patch_size)
+            crop_masks = crop_at(masks[generate], corners, self.patch_size)
             generated = self.model.generator.generate(
-                crop_at(images[generate], corners, self.patch_size),
-                crop_at(masks[generate], corners, self.patch_size),
-                types.to(images.device)[generate],
+                crop_at(images[generate], corners, self.patch_size), crop_masks, types.to(images.device)[generate]
             )
             outputs[generate] = paste_at(images[generate], generated, corners)
+            # The generator draws inside its patch_size crop only: a longer mask is cut to the crop, so that no clean
+            # pixel outside it is labelled defect.
+            masks[generate] = paste_at(torch.zeros_like(masks[generate]), crop_masks, corners)
         return outputs, masks
 
     def held_defect_types(self) -> set[int]:
