@@ -40,10 +40,11 @@ def test_lent_defects_are_not_scored(trained_dadda: TrainedModel) -> None:
 
 def test_test_reports_anomalib_metrics_and_defect_type_accuracy(trained_dadda: TrainedModel) -> None:
     results = trained_dadda.engine.test(model=trained_dadda.model, datamodule=trained_dadda.datamodule)[0]
-    assert set(results) >= {"image_AUROC", "pixel_AUROC", "defect_type_accuracy"}
+    assert set(results) >= {"image_AUROC", "pixel_AUROC", "defect_type_accuracy", "defect_type_accuracy_own_region"}
     assert all(0.0 <= value <= 1.0 for value in results.values())
-    # 4 held-out real defects, one per type: accuracy is a multiple of 1/4.
-    assert results["defect_type_accuracy"] * 4 == pytest.approx(round(results["defect_type_accuracy"] * 4))
+    # 4 held-out real defects, one per type: each accuracy is a multiple of 1/4.
+    for name in ("defect_type_accuracy", "defect_type_accuracy_own_region"):
+        assert results[name] * 4 == pytest.approx(round(results[name] * 4))
 
 
 def test_checkpoint_round_trip_restores_detector_head_and_type_names(

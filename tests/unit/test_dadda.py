@@ -203,6 +203,21 @@ class TestDefectTypeHead:
         accuracy = float((predicted == truth).float().mean())
         assert accuracy >= 0.9, f"accuracy {accuracy:.2f} on two types (chance 0.5)"
 
+    def test_an_image_where_the_model_marks_no_region_counts_as_a_wrong_type(self) -> None:
+        """``defect_type_accuracy_own_region``: the type read from the model's own region; none marked is wrong."""
+        model = dadda_with_bank("dam")
+        model.fit_defect_type_head()
+        images, masks, names = two_type_defects(10, seed=1)
+        truth = torch.tensor([model.type_names.index(name) for name in names])
+        model.eval()
+        in_true_regions = model.correct_defect_types(images, masks, truth)
+        assert in_true_regions >= 18, "the head reads the true regions right (>= 0.9)"
+        assert model.correct_defect_types(images, torch.zeros_like(masks), truth) == 0
+        half = masks.clone()
+        half[::2] = 0  # the model marks nothing on every other image
+        expected = int((model.model.classify_defects(images[1::2], masks[1::2]) == truth[1::2]).sum())
+        assert model.correct_defect_types(images, half, truth) == expected
+
     def test_requested_types_get_regions_of_that_type_where_the_bank_holds_them(self) -> None:
         model = dadda_with_bank("both", defect_types=["blob", "crack", "scratch"])
         assert model.held_defect_types() == {0, 2}, "no crack region is held"

@@ -199,7 +199,8 @@ class DADDA(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
         )
         self.dam: DataAugmentationModule | None = None
         self._normal_images: torch.Tensor | None = None
-        self._type_hits = torch.zeros(2, dtype=torch.long)
+        # Defect-type counts: [correct in the true region, images scored; correct in the model's own region, scored].
+        self._type_hits = torch.zeros(4, dtype=torch.long)
 
     @classmethod
     def configure_pre_processor(cls, image_size: Sequence[int] | int | None = None) -> PreProcessor:
@@ -479,22 +480,44 @@ class DADDA(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
         self._type_hits.zero_()
 
     def test_step(self, batch: Batch, batch_idx: int, *args, **kwargs) -> STEP_OUTPUT:
+        """anomalib's test step, plus the defect type of every real defective test image of a known type.
+
+        Two protocols: the detector's features pooled inside the image's *ground-truth* mask (the paper's: it
+        measures the head alone), and inside the region the model itself marks, ``anomaly_map >=`` its pixel
+        threshold (what a user gets; an image where it marks nothing counts as wrong).
+        """
         output = super().test_step(batch, batch_idx, *args, **kwargs)
         if len(self.type_names) >= 2 and batch.gt_mask is not None and batch.gt_label is not None:  # noqa: PLR2004
             masks = batch.gt_mask.reshape(batch.image.shape[0], 1, *batch.image.shape[-2:]).float()
             known = torch.tensor([defect_type_of(str(path)) in self.type_names for path in batch.image_path])
             scored = known.to(masks.device) & batch.gt_label.bool() & masks.flatten(1).any(dim=1)
             if scored.any():
-                predicted = self.model.classify_defects(batch.image[scored], masks[scored]).cpu()
                 paths = [path for path, keep in zip(batch.image_path, scored.tolist(), strict=True) if keep]
-                truth = [self.type_names.index(defect_type_of(str(path))) for path in paths]
-                self._type_hits += torch.tensor([int((predicted == torch.tensor(truth)).sum()), len(truth)])
+                truth = torch.tensor([self.type_names.index(defect_type_of(str(path))) for path in paths])
+                hits = [self.correct_defect_types(batch.image[scored], masks[scored], truth), len(truth), 0, 0]
+                threshold = getattr(self.post_processor, "pixel_threshold", None)  # raw, as the map is here
+                if threshold is not None and bool(torch.isfinite(torch.as_tensor(threshold))):
+                    own = (
+                        output.anomaly_map.reshape(masks.shape) >= torch.as_tensor(threshold).to(masks.device)
+                    ).float()
+                    hits[2:] = [self.correct_defect_types(batch.image[scored], own[scored], truth), len(truth)]
+                self._type_hits += torch.tensor(hits)
         return output
 
+    def correct_defect_types(self, images: torch.Tensor, regions: torch.Tensor, truth: torch.Tensor) -> int:
+        """How many of the images' defects the type head names right from ``regions``; an empty region is wrong."""
+        found = regions.flatten(1).any(dim=1)
+        if not found.any():
+            return 0
+        predicted = self.model.classify_defects(images[found], regions[found]).cpu()
+        return int((predicted == truth[found.cpu()]).sum())
+
     def on_test_epoch_end(self) -> None:
-        correct, total = self._type_hits.tolist()
+        correct, total, correct_own_region, total_own_region = self._type_hits.tolist()
         if total:
             self.log("defect_type_accuracy", correct / total)
+        if total_own_region:  # needs the post-processor's pixel threshold
+            self.log("defect_type_accuracy_own_region", correct_own_region / total_own_region)
         super().on_test_epoch_end()
 
     # -- state -----------------------------------------------------------------------------------
