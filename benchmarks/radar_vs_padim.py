@@ -341,7 +341,7 @@ def int8_export_worker(checkpoint: str, model_name: str, data_root: str, categor
         compression_type=CompressionType.INT8_PTQ,
         datamodule=calibration_datamodule(Path(data_root), category, int(seed)),
     )
-    print("INT8 IR WRITTEN", flush=True)  # noqa: T201  # tells the parent which stage crashed
+    print("INT8 IR WRITTEN", flush=True)  # tells the parent which stage crashed
     compiled = ov.Core().compile_model(Path(out) / "weights" / "openvino" / "model.xml", "CPU", OPENVINO_CONFIG)
     compiled(np.zeros((1, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32))
 

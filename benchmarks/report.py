@@ -64,7 +64,7 @@ from anomalib_diffusion.data import DEMO_CATEGORIES, make_demo_dataset, texture_
 from anomalib_diffusion.deploy import compile_config, device_supports
 
 sys.path.insert(0, str(Path(__file__).parent))
-from radar_vs_padim import (  # noqa: E402
+from radar_vs_padim import (
     OPENVINO_CONFIG,
     calibration_datamodule,
     file_size_mb,
@@ -296,7 +296,7 @@ def raw_outputs(model: AnomalibModule) -> Iterator[None]:
 def normalised_scores(model: AnomalibModule, scores: Sequence[float]) -> np.ndarray:
     """Raw image scores as anomalib's post-processor hands them to users: normalised to [0, 1], threshold at 0.5."""
     post = model.post_processor
-    values = post._normalize(  # noqa: SLF001 - the same function the exported graph runs
+    values = post._normalize(
         torch.as_tensor(np.asarray(scores), dtype=torch.float32), post.image_min, post.image_max, post.image_threshold
     )
     return values.double().numpy()
@@ -327,7 +327,7 @@ def train_and_score(
         labels += batch.gt_label.reshape(-1).int().tolist()
         pixels.append(batch.anomaly_map.reshape(-1).float().numpy())
         masks.append(batch.gt_mask.reshape(-1).bool().numpy())
-        normalised = post_processor._normalize(  # noqa: SLF001 - the figure shows maps as anomalib normalises them
+        normalised = post_processor._normalize(
             batch.anomaly_map, post_processor.pixel_min, post_processor.pixel_max, post_processor.pixel_threshold
         )
         for path, anomaly_map in zip(batch.image_path, normalised, strict=True):
@@ -342,7 +342,9 @@ def train_and_score(
     return model, runner, Run(metrics, fit_seconds, np.asarray(scores), np.asarray(labels), maps)
 
 
-def export(model: AnomalibModule, runner: Engine, name: str, root: Path, category: str, seed: int, out: Path):
+def export(
+    model: AnomalibModule, runner: Engine, name: str, root: Path, category: str, seed: int, out: Path
+) -> tuple[dict[str, Path], str | None]:
     """Torch, OpenVINO FP32 and (in a child process, which a crash costs only a table cell) OpenVINO INT8."""
     model.eval()
     exports = {
@@ -365,7 +367,7 @@ def export(model: AnomalibModule, runner: Engine, name: str, root: Path, categor
     torch.save(checkpoint, source)
     command = [sys.executable, __file__, "--int8-export-worker", str(source), name, str(root), category, str(seed)]
     command.append(str(out / "int8"))
-    result = subprocess.run(command, capture_output=True, text=True, check=False)  # noqa: S603
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
     path = out / "int8" / "weights" / "openvino" / "model.xml"
     if result.returncode != 0 or not path.is_file():
         reason = "segmentation fault" if result.returncode == -signal.SIGSEGV else f"exit code {result.returncode}"
@@ -418,7 +420,7 @@ print(json.dumps({"peak_mb": int(status.split("VmHWM:")[1].split()[0]) / 1024}))
 def peak_rss_mb(model_path: Path) -> float:
     """Peak resident memory of a torch-free process that compiles the model and scores 20 images."""
     command = [sys.executable, "-c", MEMORY_PROBE, str(model_path), json.dumps(OPENVINO_CONFIG)]
-    result = subprocess.run(command, capture_output=True, text=True, check=True)  # noqa: S603
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
     return float(json.loads(result.stdout.strip().splitlines()[-1])["peak_mb"])
 
 
@@ -542,8 +544,12 @@ def mean_table(results: dict[str, dict[str, Run]], categories: Sequence[str]) ->
 def quality_tables(results: dict[str, dict[str, Run]], held_out: Sequence[str] = ()) -> str:
     header = ["category", "model", *[label for label, _ in METRICS], "train s"]
     rows = [
-        [category + (" (held out)" if category in held_out else ""), name]
-        + [*[fmt(run.metrics.get(key)) for _, key in METRICS], f"{run.fit_seconds:.0f}"]
+        [
+            category + (" (held out)" if category in held_out else ""),
+            name,
+            *[fmt(run.metrics.get(key)) for _, key in METRICS],
+            f"{run.fit_seconds:.0f}",
+        ]
         for category, runs in results.items()
         for name, run in runs.items()
     ]
@@ -670,7 +676,7 @@ def draw_roc(results: dict[str, dict[str, Run]], path: Path) -> None:
     figure, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 4), squeeze=False)
     for axis, (category, runs) in zip(axes[0], results.items(), strict=True):
         for name, run in runs.items():
-            if len(set(run.labels.tolist())) == 2:  # noqa: PLR2004
+            if len(set(run.labels.tolist())) == 2:
                 fpr, tpr, _ = roc_curve(run.labels, run.scores)
                 axis.plot(fpr, tpr, label=f"{name} ({run.metrics.get('image_AUROC', np.nan):.2f})")
         axis.plot([0, 1], [0, 1], color="grey", linewidth=0.5, linestyle="--")
