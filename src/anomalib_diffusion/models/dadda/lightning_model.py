@@ -291,7 +291,7 @@ class DADDA(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
         self.manual_backward(loss)
         self.clip_gradients(optimizer, gradient_clip_val=1.0, gradient_clip_algorithm="norm")
         optimizer.step()
-        self.log(name, loss.detach(), on_step=True, prog_bar=True, logger=True)
+        self.log(name, loss.detach(), on_step=True, prog_bar=True, logger=self.logger is not None)
         return {"loss": loss.detach()}
 
     def _generator_loss(self, images: torch.Tensor) -> torch.Tensor | None:

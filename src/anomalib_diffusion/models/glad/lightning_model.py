@@ -250,7 +250,7 @@ class GLAD(CheckpointOwnerMixin, FittedModuleMixin, HoldoutMixin, AnomalibModule
         predicted, target = self.model.training_pair(crops, anomalous)
         loss = F.mse_loss(predicted, target)
         self.check_loss(loss)
-        self.log("train_loss", loss.detach(), on_step=True, prog_bar=True, logger=True)
+        self.log("train_loss", loss.detach(), on_step=True, prog_bar=True, logger=self.logger is not None)
         self._stepped = True
         return loss
 

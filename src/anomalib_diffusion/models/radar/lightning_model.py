@@ -219,7 +219,7 @@ class RADAR(CheckpointOwnerMixin, FittedModuleMixin, HoldoutMixin, AnomalibModul
         predicted_noise, noise = self.model(patches)
         loss = F.mse_loss(predicted_noise, noise)
         self.check_loss(loss)
-        self.log("train_loss", loss.detach(), on_step=True, prog_bar=True, logger=True)
+        self.log("train_loss", loss.detach(), on_step=True, prog_bar=True, logger=self.logger is not None)
         return loss
 
     def on_validation_start(self) -> None:
