@@ -25,6 +25,8 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import matplotlib as mpl
@@ -35,11 +37,7 @@ from lightning import seed_everything
 from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
-from anomalib_diffusion.components.features import (
-    EfficientNetLite0Features,
-    neighbourhood_cosine_distance,
-    pixel_gradient_distance,
-)
+from anomalib_diffusion.components.features import EfficientNetLite0Features, pixel_gradient_distance
 from anomalib_diffusion.models import GLAD
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -49,16 +47,17 @@ mpl.use("Agg")
 import matplotlib.pyplot as plt
 
 
-def feature_distance(features: torch.nn.Module, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
-    """Mean over layers of the neighbourhood cosine distance, at the images' size (as ``GLADModel.distance_map``)."""
-    batch = first.shape[0]
-    layers = [
-        F.interpolate(
-            neighbourhood_cosine_distance(layer[:batch], layer[batch:]), size=first.shape[-2:], mode="bilinear"
-        )
-        for layer in features(torch.cat([first, second]))
-    ]
-    return torch.stack(layers).mean(dim=0)
+@contextmanager
+def swapped(network: torch.nn.Module, **attributes: object) -> Iterator[None]:
+    """Within: ``network`` with some attributes replaced (GLAD's own code then runs a variant), restored after."""
+    saved = {name: getattr(network, name) for name in attributes}
+    for name, value in attributes.items():
+        setattr(network, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(network, name, value)
 
 
 def score(maps: list[np.ndarray], labels: list[int], masks: list[np.ndarray]) -> tuple[float, float]:
@@ -93,35 +92,26 @@ def main() -> None:
     maps: dict[str, list[np.ndarray]] = {}
     fidelity: dict[str, list[float]] = {"good": [], "defect pixels": [], "defect-free pixels of defective": []}
     examples = []
-    search = network.search_timesteps
     with torch.inference_mode():
         for batch in tqdm(data.test_dataloader(), desc="scoring", unit="batch"):
             images = model.pre_processor(batch.image)
             samples = network.pad(images * 2 - 1)
             height, width = images.shape[-2:]
             adaptive = network.reconstruct(samples)
-            network.search_timesteps = []  # plain DDIM from the same start step, same noise
-            try:
+            with swapped(network, search_timesteps=[]):  # plain DDIM from the same start step, same noise
                 plain = network.reconstruct(samples).reconstruction
-            finally:
-                network.search_timesteps = search
             recon = adaptive.reconstruction
-            pixel_weight = network.pixel_weight
             variants = {
                 "default (adaptive)": network.distance_map(samples, recon),
                 "default (plain DDIM)": network.distance_map(samples, plain),
-                "U-Net features only (adaptive)": (network.distance_map(samples, recon) if pixel_weight == 0 else None),
                 "pixel/gradient only (adaptive)": pixel_gradient_distance(samples, recon, network.neighbourhood_radius),
-                "Lite0 features (adaptive)": feature_distance(lite0, samples, recon),
-                "Lite0 features (plain DDIM)": feature_distance(lite0, samples, plain),
                 "pixel |x - x_rec| (adaptive)": (samples - recon).abs().mean(dim=1, keepdim=True),
             }
-            if variants["U-Net features only (adaptive)"] is None:
-                network.pixel_weight = 0.0
-                try:
-                    variants["U-Net features only (adaptive)"] = network.distance_map(samples, recon)
-                finally:
-                    network.pixel_weight = pixel_weight
+            with swapped(network, pixel_weight=0.0):  # GLAD's feature distance alone
+                variants["U-Net features only (adaptive)"] = network.distance_map(samples, recon)
+                with swapped(network, features=lite0):
+                    variants["Lite0 features (adaptive)"] = network.distance_map(samples, recon)
+                    variants["Lite0 features (plain DDIM)"] = network.distance_map(samples, plain)
             for name, distance in variants.items():
                 blurred = network.blur(distance[..., :height, :width])
                 maps.setdefault(name, []).extend(m[0].numpy() for m in blurred)
@@ -160,7 +150,7 @@ def main() -> None:
         "category": args.category,
         "fit_seconds": round(fit_seconds),
         "tau": [round(float(t), 4) for t in network.tau],
-        "search_timesteps": search,
+        "search_timesteps": network.search_timesteps,
         "crossed_tau": crossed,
         "mean |x - x_rec| (of [-1, 1])": {kind: round(float(np.mean(v)), 4) for kind, v in fidelity.items() if v},
     }

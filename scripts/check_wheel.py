@@ -102,8 +102,11 @@ def check_wheel(wheel: Path) -> None:
     check(not missing, f"console scripts declared (missing: {missing})")
 
 
-def user_environment(folder: Path) -> Path:
-    """A fresh venv that sees this environment's packages except anomalib-diffusion: a user's anomalib set-up."""
+def user_environment(folder: Path) -> tuple[Path, Path]:
+    """A fresh venv that sees this environment's packages except anomalib-diffusion: a user's anomalib set-up.
+
+    Returns its Python and its own site-packages folder.
+    """
     overlay = folder / "existing_packages"
     overlay.mkdir()
     for entry in Path(sysconfig.get_paths()["purelib"]).iterdir():
@@ -114,10 +117,11 @@ def user_environment(folder: Path) -> Path:
     python = env / "bin" / "python"
     # ensurepip's setuptools (older than torch requires) would shadow the environment's own.
     run([str(python), "-m", "pip", "uninstall", "--yes", "--quiet", "setuptools"])
-    site_packages = run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"])
-    hook = Path(site_packages.stdout.strip()) / "00_existing_packages.pth"
+    printed = run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"])
+    site_packages = Path(printed.stdout.strip())
+    hook = site_packages / "00_existing_packages.pth"
     hook.write_text(f"import site; site.addsitedir({str(overlay)!r})\n")
-    return python
+    return python, site_packages
 
 
 def versions(python: Path) -> dict[str, list[str]]:
@@ -129,7 +133,7 @@ def versions(python: Path) -> dict[str, list[str]]:
     return json.loads(run([str(python), "-c", code]).stdout.strip().splitlines()[-1])
 
 
-def install_and_use(wheel: Path, python: Path, folder: Path) -> None:
+def install_and_use(wheel: Path, python: Path, site_packages: Path, folder: Path) -> None:
     before = versions(python)
     report = folder / "report.json"
     pip = [str(python), "-m", "pip", "install", "--no-index", "--quiet"]
@@ -142,8 +146,7 @@ def install_and_use(wheel: Path, python: Path, folder: Path) -> None:
     check(all((bin_dir / script).is_file() for script in SCRIPTS), "console scripts installed")
     printed = run([str(bin_dir / "anomalib-diffusion-config"), "radar"]).stdout
     check(printed == (REPO / "configs" / "radar.yaml").read_text(), "anomalib-diffusion-config radar prints the config")
-    site_packages = run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"])
-    check((Path(site_packages.stdout.strip()) / "anomalib_diffusion.pth").is_file(), "the .pth hook is installed")
+    check((site_packages / "anomalib_diffusion.pth").is_file(), "the .pth hook is installed")
     resolved = run([str(python), "-c", CLI_CODE], cwd=folder).stdout
     check(resolved.split() == ["resolved", "RADAR", "resolved", "GLAD", "resolved", "DADDA"], "anomalib CLI --model")
 
@@ -154,7 +157,7 @@ def main() -> None:
         wheel = build_wheel(folder / "dist")
         print(f"built {wheel.name}")
         check_wheel(wheel)
-        install_and_use(wheel, user_environment(folder), folder)
+        install_and_use(wheel, *user_environment(folder), folder)
     print("The wheel checks passed.")
 
 

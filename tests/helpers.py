@@ -39,7 +39,7 @@ def labels_of(paths: list[Path]) -> np.ndarray:
     return np.array([int(path.parent.name != "good") for path in paths])
 
 
-def compile_openvino(model_path: Path, precision: str):
+def compile_openvino(model_path: Path, precision: str):  # -> ov.CompiledModel (openvino is imported lazily)
     """Compile ``model_path`` for the CPU in ``precision`` and check that OpenVINO computes in it."""
     import openvino as ov
 

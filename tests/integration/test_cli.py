@@ -183,11 +183,10 @@ def test_anomalib_benchmark_runs_a_grid_of_all_three_models(demo_root: Path, tmp
     assert column("model.init_args.detector_steps") == [None, None, TINY_DADDA["detector_steps"]]
 
 
-def tiny_flags(settings: dict) -> list[str]:
+def tiny_flags(name: str) -> list[str]:
+    """``--model.<key> <value>`` for each of the model's tiny settings."""
     return [
-        flag
-        for key, value in settings.items()
-        for flag in (f"--model.{key}", str(list(value)) if isinstance(value, tuple) else str(value))
+        flag for key, value in tiny_model_config(name)["init_args"].items() for flag in (f"--model.{key}", str(value))
     ]
 
 
@@ -205,9 +204,9 @@ def glad_and_dadda_runs(demo_root: Path, tmp_path_factory: pytest.TempPathFactor
     """GLAD's and DADDA's CLI pipelines, started together: each spends much of its time in single-threaded imports."""
     data_flags = ["--data", "anomalib.data.MVTecAD", "--data.root", str(demo_root), "--data.category", "brick"]
     data_flags += ["--data.num_workers", "0", "--data.train_batch_size", "4", "--data.eval_batch_size", "4"]
-    glad = [str(BIN / "anomalib"), "train", "--model", "GLAD", *tiny_flags(TINY_GLAD), *data_flags]
+    glad = [str(BIN / "anomalib"), "train", "--model", "GLAD", *tiny_flags("GLAD"), *data_flags]
     # configs/dadda.yaml + the tiny settings: MVTecADFewDefects resolves by class path, k comes from the CLI.
-    dadda = [str(BIN / "anomalib"), "train", "--config", str(CONFIGS / "dadda.yaml"), *tiny_flags(TINY_DADDA)]
+    dadda = [str(BIN / "anomalib"), "train", "--config", str(CONFIGS / "dadda.yaml"), *tiny_flags("DADDA")]
     dadda += ["--data.root", str(demo_root), "--data.defects_per_type", "1", "--data.train_batch_size", "4"]
     with ThreadPoolExecutor(max_workers=2) as pool:
         yield {

@@ -215,7 +215,7 @@ def warn_if_validating_on_test_labels(datamodule: object, model_name: str) -> No
 
 def precision_advice(model_xml: Path) -> str:
     """What ``anomalib export`` says after an OpenVINO export: how to run it in the validated precision."""
-    from anomalib_diffusion.deploy.openvino_runtime import compile_config
+    from anomalib_diffusion.deploy.openvino_runtime import compile_config  # here: it imports openvino
 
     return (
         f"Exported {model_xml}. On CPUs with bf16 (Intel Xeon from Sapphire Rapids on, AMD Zen 4) OpenVINO computes "

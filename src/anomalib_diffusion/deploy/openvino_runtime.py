@@ -187,7 +187,7 @@ def image_paths(source: Path) -> list[Path]:
 
 def _progress(items: Sequence[Path], description: str) -> Iterable[Path]:
     try:
-        from tqdm import tqdm
+        from tqdm import tqdm  # optional on an edge machine
     except ImportError:
         return items
     return tqdm(items, desc=description, unit="img", disable=None if len(items) > 1 else True)

@@ -85,7 +85,7 @@ class PadimLite0(Padim):
 
     def __init__(
         self,
-        layers: list[str] = PADIM_LITE0_LAYERS,
+        layers: list[str] = PADIM_LITE0_LAYERS,  # a list default: jsonargparse reads the default
         n_features: int | None = 100,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
@@ -124,7 +124,7 @@ class PatchcoreLite0(Patchcore):
 
     def __init__(
         self,
-        layers: list[str] = PATCHCORE_LITE0_LAYERS,
+        layers: list[str] = PATCHCORE_LITE0_LAYERS,  # a list default: jsonargparse reads the default
         coreset_sampling_ratio: float = 0.1,
         num_neighbors: int = 9,
         pre_processor: nn.Module | bool = True,

@@ -496,10 +496,9 @@ class DADDA(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
                 truth = torch.tensor([self.type_names.index(defect_type_of(str(path))) for path in paths])
                 hits = [self.correct_defect_types(batch.image[scored], masks[scored], truth), len(truth), 0, 0]
                 threshold = getattr(self.post_processor, "pixel_threshold", None)  # raw, as the map is here
-                if threshold is not None and bool(torch.isfinite(torch.as_tensor(threshold))):
-                    own = (
-                        output.anomaly_map.reshape(masks.shape) >= torch.as_tensor(threshold).to(masks.device)
-                    ).float()
+                threshold = None if threshold is None else torch.as_tensor(threshold, device=masks.device)
+                if threshold is not None and bool(torch.isfinite(threshold)):
+                    own = (output.anomaly_map.reshape(masks.shape) >= threshold).float()
                     hits[2:] = [self.correct_defect_types(batch.image[scored], own[scored], truth), len(truth)]
                 self._type_hits += torch.tensor(hits)
         return output
