@@ -5,8 +5,9 @@ the feature passes of the scoring and, with ADS + SAFF, of the step search); RAD
 prediction. This script measures both, in the same process, on the same CPU:
 
 - for each image size (``--sizes``), RADAR with its defaults, and GLAD with each DDIM step
-  spacing in ``--steps``, plain DDIM (the default) and with ADS + SAFF (``adaptive_steps``) (``num_inference_steps``; the start and search range stay at their defaults,
-  so with the defaults 5 spacing steps mean 4 U-Net calls in the reconstruction and 10 mean 8);
+  spacing in ``--steps`` (``num_inference_steps``; the start and search range stay at their defaults,
+  so with the defaults 5 spacing steps mean 4 U-Net calls in the reconstruction and 10 mean 8), each
+  with plain DDIM (the default) and with ADS + SAFF (``adaptive_steps``);
 - latency of one image (batch 1, median of ``--runs`` after ``--warmup`` untimed runs) in
   torch eager and in OpenVINO FP32 (``anomalib``'s ``to_openvino`` export, compiled with
   ``INFERENCE_PRECISION_HINT=f32``), each also as a multiple of RADAR's latency at that size.
