@@ -47,7 +47,7 @@ from anomalib_diffusion.federated.sites import Site, split_into_sites
 from anomalib_diffusion.models import DADDA
 
 sys.path.insert(0, str(Path(__file__).parent))
-from radar_vs_padim import machine_info, markdown_table, save_figure_atomically, write_atomically
+from common import machine_line, markdown_table, publish, save_figure_atomically
 
 REPORT = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "dadda.md"
 FIGURE = Path(__file__).resolve().parents[1] / "docs" / "figures" / "dadda_defects.png"
@@ -292,15 +292,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"- Data: offline demo set (`make_demo_dataset`, seed {args.data_seed}), MVTec AD layout, 256x256 "
             "unless --quick.",
             f"- DADDA settings: `{settings}` (all else default); k = {args.k}.",
-            "- Machine: " + ", ".join(f"{key} {value}" for key, value in machine_info().items()),
+            machine_line(),
             "",
         ]
     )
-    print(report)
-    output = None if args.quick and args.output is None else (args.output or str(REPORT))
-    if output and output != "-":
-        write_atomically(Path(output), report)
-        print(f"Report written to {output}")
+    publish(report, args, REPORT)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ from anomalib_diffusion.data import DEMO_CATEGORIES, make_demo_dataset
 from anomalib_diffusion.models import GLAD
 
 sys.path.insert(0, str(Path(__file__).parent))
-from radar_vs_padim import machine_info, markdown_table, save_figure_atomically, write_atomically
+from common import machine_line, markdown_table, publish, save_figure_atomically
 
 REPORT = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "glad_ablation.md"
 FIGURE = Path(__file__).resolve().parents[1] / "docs" / "figures" / "glad_demo.png"
@@ -206,15 +206,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             "ADS rows are calibrated on held-out normal training images.",
             f"- The last row runs the ATP weights with `{SLOW_STEPS}` (DDIM steps every 100 timesteps, same start "
             "and search range) instead of the default 5.",
-            "- Machine: " + ", ".join(f"{key} {value}" for key, value in machine_info().items()),
+            machine_line(),
             "",
         ]
     )
-    print(report)
-    output = None if args.quick and args.output is None else (args.output or str(REPORT))
-    if output and output != "-":
-        write_atomically(Path(output), report)
-        print(f"Report written to {output}")
+    publish(report, args, REPORT)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ from lightning import seed_everything
 from anomalib_diffusion.models import GLAD, RADAR
 
 sys.path.insert(0, str(Path(__file__).parent))
-from radar_vs_padim import OPENVINO_CONFIG, machine_info, markdown_table, write_atomically
+from common import OPENVINO_CONFIG, machine_line, markdown_table, publish
 
 REPORT = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "glad_latency.md"
 _GLAD_DEFAULTS = inspect.signature(GLAD.__init__).parameters
@@ -158,15 +158,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             "- Untrained models with default architectures (latency does not depend on the weights); GLAD noises to "
             f"the largest DDIM step not above start_timestep={START} (with ADS + SAFF it searches down to "
             f"min_timestep={MINIMUM}; its defaults), with one U-Net call per DDIM step from there.",
-            "- Machine: " + ", ".join(f"{key} {value}" for key, value in machine_info().items()),
+            machine_line(),
             "",
         ]
     )
-    print(report)
-    output = None if args.quick and args.output is None else (args.output or str(REPORT))
-    if output and output != "-":
-        write_atomically(Path(output), report)
-        print(f"Report written to {output}")
+    publish(report, args, REPORT)
 
 
 if __name__ == "__main__":

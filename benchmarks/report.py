@@ -64,11 +64,11 @@ from anomalib_diffusion.data import DEMO_CATEGORIES, make_demo_dataset, texture_
 from anomalib_diffusion.deploy import compile_config, device_supports
 
 sys.path.insert(0, str(Path(__file__).parent))
-from radar_vs_padim import (
+from common import (
     OPENVINO_CONFIG,
     calibration_datamodule,
     file_size_mb,
-    machine_info,
+    machine_line,
     markdown_table,
     openvino_quality,
     save_figure_atomically,
@@ -380,7 +380,7 @@ def export(
 
 
 def calibration_data(root: Path, category: str, seed: int) -> MVTecAD:
-    """Normal training images (``radar_vs_padim.calibration_datamodule``), resized to the exports' input size."""
+    """Normal training images (``common.calibration_datamodule``), resized to the exports' input size."""
     data = calibration_datamodule(root, category, seed)
     data.train_augmentations = data.val_augmentations = data.test_augmentations = Resize(INPUT_SIZE)
     return data
@@ -750,7 +750,7 @@ def setup_lines(args: argparse.Namespace, grid: dict) -> list[str]:
         "",
         "- Data: " + data_description(args),
         "- Models: " + "; ".join(f"{name} `{settings or 'defaults'}`" for name, settings in grid.items()),
-        "- Machine: " + ", ".join(f"{key} {value}" for key, value in machine_info().items()),
+        machine_line(),
         "",
     ]
 

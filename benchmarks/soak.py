@@ -44,7 +44,7 @@ from anomalib_diffusion.data import make_demo_dataset
 from anomalib_diffusion.deploy.openvino_runtime import OpenVINODetector, image_paths, read_image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from radar_vs_padim import OPENVINO_CONFIG, machine_info, markdown_table, save_figure_atomically, write_atomically
+from common import OPENVINO_CONFIG, machine_line, markdown_table, publish, save_figure_atomically
 from report import QUICK_SETTINGS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -206,17 +206,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             "",
             "![latency and memory over the soak](../figures/soak.png)",
             "",
-            "- Machine: " + ", ".join(f"{key} {value}" for key, value in machine_info().items()),
+            machine_line(),
             "",
         ]
     )
-    print(report)
     if not (args.quick and args.figure is None) and args.figure != "-":
         draw(latencies, memory, Path(args.figure or FIGURE))
-    output = None if args.quick and args.output is None else (args.output or str(REPORT))
-    if output and output != "-":
-        write_atomically(Path(output), report)
-        print(f"Report written to {output}")
+    publish(report, args, REPORT)
 
 
 if __name__ == "__main__":

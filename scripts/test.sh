@@ -5,5 +5,8 @@ set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$repo/scripts/setup_env.sh"
 cd "$repo"
-echo "==> Running the test suite"
-python -m pytest tests -p no:cacheprovider "$@"
+# One pytest-xdist worker per core, at most two (each trains models; tests/conftest.py keeps the tests that share a
+# trained model on one worker). PYTEST_WORKERS=0 runs everything in this process.
+workers="${PYTEST_WORKERS:-$(python -c 'import os; print(min(2, len(os.sched_getaffinity(0))))')}"
+echo "==> Running the test suite ($workers worker(s))"
+python -m pytest tests -p no:cacheprovider -n "$workers" "$@"

@@ -7,6 +7,7 @@ session fixtures that the end-to-end tests share (they only read them).
 import ctypes
 import json
 import logging
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,11 +91,69 @@ def pytest_configure(config: pytest.Config) -> None:
     1.5 GB. No effect where the C library is not glibc.
     """
     del config
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # scripts/test.sh runs one worker per core: a second torch thread per worker would only contend for them.
+        torch.set_num_threads(1)
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return
     libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
+
+
+# Test files whose tests use the suite's shared trained models (the session fixtures trained_radar, radar_openvino ...).
+SHARED_MODEL_FILES = {
+    "test_radar_end_to_end",
+    "test_glad_end_to_end",
+    "test_dadda_end_to_end",
+    "test_quality",
+    "test_precision",
+    "test_resume",
+}
+MODELS = ("radar", "glad", "dadda")
+
+
+def worker_group(nodeid: str) -> str:
+    """Which tests share a worker when scripts/test.sh runs the suite on one worker per core (pytest-xdist).
+
+    A worker is its own process with its own session and module fixtures: the tests that use one trained model go
+    to one worker (that model is trained once), and every other file stays whole (its module fixtures run once).
+    In the shared-model files a test is grouped by the model in its file name or its parameters; the few that
+    use no model there (or RADAR's by fixture) go with RADAR.
+    """
+    path, _, name = nodeid.partition("::")
+    stem = Path(path).stem
+    if stem not in SHARED_MODEL_FILES:
+        return stem
+    words = stem.split("_") + name.partition("[")[2].rstrip("]").lower().split("-")
+    return next((model for model in MODELS if model in words), "radar")
+
+
+# The groups that take longest (each a minute or more on 2 cores), handed out first so that no worker is left with
+# a long one at the end; the rest follow in collection order.
+LONGEST_GROUPS = ("test_cli", "glad", "test_federated", "radar", "test_peers_export", "dadda", "test_registration")
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """pytest-xdist's scope scheduling over :func:`worker_group` (its ``loadgroup`` does not group on pytest 9)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    def priority(nodeid: str) -> int:
+        group = worker_group(nodeid)
+        return LONGEST_GROUPS.index(group) if group in LONGEST_GROUPS else len(LONGEST_GROUPS)
+
+    class ByGroup(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return worker_group(nodeid)
+
+        def schedule(self) -> None:
+            if self.collection is None:  # the first call: order the work before it is split into groups
+                self.config.option.loadscopereorder = False
+                for node, collection in self.registered_collections.items():
+                    self.registered_collections[node] = sorted(collection, key=priority)
+            super().schedule()
+
+    return ByGroup(config, log)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

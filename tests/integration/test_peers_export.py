@@ -17,7 +17,7 @@ from tests.helpers import compile_openvino
 @pytest.fixture(scope="module")
 def fitted_patchcore(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[PatchcoreLite0, Engine]:
     torch.manual_seed(0)
-    model = PatchcoreLite0(coreset_sampling_ratio=0.5)
+    model = PatchcoreLite0(coreset_sampling_ratio=0.1)
     engine = Engine(
         default_root_dir=tmp_path_factory.mktemp("patchcore"),
         accelerator="cpu",

@@ -1,0 +1,193 @@
+"""What every benchmark script shares: the OpenVINO compile set-up, timing, data for INT8 calibration, the machine
+description, and writing reports and figures so that a reader never sees a half-written one.
+
+The scripts import it as a sibling module (``sys.path`` holds the script's folder when it is run as
+``python benchmarks/<script>.py``).
+"""
+
+import argparse
+import importlib.metadata
+import os
+import platform
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import openvino as ov
+import torch
+from anomalib.data import MVTecAD
+from anomalib.data.utils import ValSplitMode
+from sklearn.metrics import roc_auc_score
+from tqdm import tqdm
+
+from anomalib_diffusion.deploy import compile_config
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+# "FP32" must mean FP32 on every CPU: without the hint OpenVINO runs f32 models in bf16 on CPUs
+# that have AMX / AVX512-BF16. The INT8 model gets the same hint so that quantisation is the only
+# difference between the FP32 and INT8 rows.
+OPENVINO_CONFIG = compile_config("f32", PERFORMANCE_HINT="LATENCY")
+
+
+@dataclass
+class OpenVINOQuality:
+    """AUROC of an exported model over the test split, and whether its outputs carry information."""
+
+    image_auroc: float
+    pixel_auroc: float
+    constant_scores: bool
+    constant_maps: bool
+    scores: list[float] = field(default_factory=list)  # per test image, in the split's order
+    labels: list[int] = field(default_factory=list)
+
+
+def calibration_datamodule(root: Path, category: str, seed: int) -> MVTecAD:
+    """Calibrate INT8 on normal training images.
+
+    anomalib's exporter calibrates on the datamodule's validation split, which MVTecAD makes a
+    copy of the test split by default: the INT8 model would then be scored on the very images
+    (anomalies included) that set its quantisation ranges. Batch size 1 matches deployment and
+    keeps traced graphs within memory.
+    """
+    return MVTecAD(
+        root=root,
+        category=category,
+        train_batch_size=1,
+        eval_batch_size=1,
+        num_workers=0,
+        val_split_mode=ValSplitMode.FROM_TRAIN,
+        val_split_ratio=0.5,
+        seed=seed,
+    )
+
+
+def openvino_quality(
+    model_path: Path, test_data: MVTecAD, label: str, config: dict[str, str] = OPENVINO_CONFIG
+) -> OpenVINOQuality:
+    """Image and pixel AUROC of an OpenVINO model's outputs over the test split, compiled with ``config``.
+
+    A model whose scores or maps are the same for every image gets AUROC 0.5 whatever it
+    computes; that is flagged, since it means the export (here: quantisation) broke the model.
+    """
+    compiled = ov.Core().compile_model(model_path, "CPU", config)
+    request = compiled.create_infer_request()
+    names = {name: output for output in compiled.outputs for name in output.names}
+    scores, labels, maps, masks = [], [], [], []
+    dataset = test_data.test_data
+    for index in tqdm(range(len(dataset)), desc=f"AUROC {label}", unit="img", leave=False):
+        item = dataset[index]
+        request.infer({0: item.image.unsqueeze(0).numpy()})
+        scores.append(float(request.get_tensor(names["pred_score"]).data.reshape(-1)[0]))
+        labels.append(int(item.gt_label))
+        output = torch.from_numpy(request.get_tensor(names["anomaly_map"]).data.copy()).float()
+        output = output.reshape(1, 1, *output.shape[-2:])
+        if output.shape[-2:] != item.gt_mask.shape[-2:]:  # a model whose map is at its own input size
+            output = torch.nn.functional.interpolate(output, size=item.gt_mask.shape[-2:], mode="bilinear")
+        anomaly_map = output.reshape(item.gt_mask.shape[-2:]).numpy()
+        maps.append(anomaly_map.astype(np.float32).ravel())
+        masks.append(item.gt_mask.numpy().astype(bool).ravel())
+    pixels = np.concatenate(maps)
+    return OpenVINOQuality(
+        image_auroc=float(roc_auc_score(labels, scores)),
+        pixel_auroc=float(roc_auc_score(np.concatenate(masks), pixels)),
+        constant_scores=bool(np.ptp(scores) == 0),
+        constant_maps=bool(np.ptp(pixels) == 0),
+        scores=scores,
+        labels=labels,
+    )
+
+
+def time_runs(run: Callable[[], object], warmup: int, repeats: int, label: str) -> list[float]:
+    """Wall-clock milliseconds of ``repeats`` calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in tqdm(range(repeats), desc=f"latency {label}", unit="run", leave=False):
+        start = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - start) * 1000)
+    return times
+
+
+def file_size_mb(path: Path) -> float:
+    """Size of an export; an OpenVINO model is its .xml plus its .bin."""
+    files = [path, path.with_suffix(".bin")] if path.suffix == ".xml" else [path]
+    return sum(file.stat().st_size for file in files) / 2**20
+
+
+def machine_info() -> dict[str, str]:
+    """CPU, cores, OpenVINO's view of the CPU and the versions that matter, for the foot of every page."""
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.MULTILINE)
+        cpu = model[1].strip() if model else cpu
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    versions = ", ".join(
+        f"{package} {importlib.metadata.version(package)}"
+        for package in ("torch", "openvino", "anomalib", "nncf", "timm", "lightning")
+    )
+    return {
+        "CPU": cpu,
+        "cores": f"{os.cpu_count()} logical, {usable} usable by this process; torch threads {torch.get_num_threads()}",
+        "OpenVINO CPU": f"{', '.join(ov.Core().get_property('CPU', 'OPTIMIZATION_CAPABILITIES'))}; compiled with {OPENVINO_CONFIG}",
+        "Python": f"{platform.python_version()} on {platform.platform()}",
+        "versions": versions,
+    }
+
+
+def machine_line() -> str:
+    """:func:`machine_info` as the page's "Machine" bullet."""
+    return "- Machine: " + ", ".join(f"{key} {value}" for key, value in machine_info().items())
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|",
+    ]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Readers see the old report or the new one, never a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Same folder, so the rename is atomic; a plain open (not mkstemp's 0600) keeps the usual permissions.
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        temporary.write_text(text, encoding="utf-8")
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def save_figure_atomically(figure: "Figure", path: Path, dpi: int = 80) -> None:
+    """Write a matplotlib figure as PNG via a temporary file in the same folder, then close it."""
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
+    try:
+        figure.savefig(temporary, dpi=dpi)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+        plt.close(figure)
+    print(f"Figure written to {path}")
+
+
+def publish(report: str, args: argparse.Namespace, default: Path) -> None:
+    """Print the page; write it to ``--output`` (default ``default``), except for a --quick run without one."""
+    print(report)
+    output = None if args.quick and args.output is None else (args.output or str(default))
+    if output and output != "-":
+        write_atomically(Path(output), report)
+        print(f"Report written to {output}")
