@@ -8,8 +8,9 @@ a wrapper script cannot help. Instead, the ``anomalib_diffusion.pth`` file insta
 the package calls :func:`install` at interpreter start-up; it puts a one-shot finder on
 ``sys.meta_path`` that wraps the loader of ``anomalib.models`` so that, right after that
 module has executed, :mod:`anomalib_diffusion.models` is imported and aliases its classes
-into ``anomalib.models``. The same finder wraps ``anomalib.pipelines.benchmark.job`` so that
-:mod:`anomalib_diffusion.compat` can fix how ``anomalib benchmark`` gathers results of mixed models.
+into ``anomalib.models``. The same finder wraps ``anomalib.pipelines.benchmark.job`` and ``anomalib.loggers`` so
+that :mod:`anomalib_diffusion.compat` can fix how ``anomalib benchmark`` gathers results of mixed models and let the
+CLI print each log line once.
 
 This module must stay import-cheap: it runs in every Python process of the environment
 (``python -c pass`` must not import torch).
@@ -27,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 TARGET_MODULE = "anomalib.models"
 BENCHMARK_JOB_MODULE = "anomalib.pipelines.benchmark.job"  # == compat.BENCHMARK_JOB_MODULE (kept import-cheap)
+LOGGERS_MODULE = "anomalib.loggers"  # == compat.LOGGERS_MODULE
 PLUGIN_MODULE = "anomalib_diffusion.models"
 PLUGIN_CLASSES = (*_MODELS, *_PEERS)
 
@@ -58,7 +60,7 @@ class _AnomalibModelsFinder(importlib.abc.MetaPathFinder):
         path: list[str] | None,
         target: ModuleType | None = None,
     ) -> importlib.machinery.ModuleSpec | None:
-        if fullname not in (TARGET_MODULE, BENCHMARK_JOB_MODULE):
+        if fullname not in (TARGET_MODULE, BENCHMARK_JOB_MODULE, LOGGERS_MODULE):
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
@@ -116,20 +118,34 @@ def patch_benchmark_job(module: ModuleType) -> None:
         logger.warning("anomalib-diffusion could not patch anomalib's benchmark result collection.", exc_info=True)
 
 
+def patch_configure_logger(module: ModuleType) -> None:
+    """Let the ``anomalib`` CLI print each log line once (see :mod:`anomalib_diffusion.compat`)."""
+    try:
+        from anomalib_diffusion.compat import patch_configure_logger as patch
+
+        patch(module)
+    except Exception:
+        logger.warning("anomalib-diffusion could not patch anomalib's console logging.", exc_info=True)
+
+
 def _after_import(module: ModuleType) -> None:
     if module.__name__ == TARGET_MODULE:
         register_models()
     elif module.__name__ == BENCHMARK_JOB_MODULE:
         patch_benchmark_job(module)
+    elif module.__name__ == LOGGERS_MODULE:
+        patch_configure_logger(module)
 
 
 def install() -> None:
     """Arrange for the plugin's models to be registered whenever anomalib's models load."""
     if BENCHMARK_JOB_MODULE in sys.modules:
         patch_benchmark_job(sys.modules[BENCHMARK_JOB_MODULE])
+    if LOGGERS_MODULE in sys.modules:
+        patch_configure_logger(sys.modules[LOGGERS_MODULE])
     if TARGET_MODULE in sys.modules:
         register_models()
-        if BENCHMARK_JOB_MODULE in sys.modules:
+        if BENCHMARK_JOB_MODULE in sys.modules and LOGGERS_MODULE in sys.modules:
             return
     if not any(isinstance(finder, _AnomalibModelsFinder) for finder in sys.meta_path):
         sys.meta_path.insert(0, _AnomalibModelsFinder())

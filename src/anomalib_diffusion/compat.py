@@ -8,15 +8,26 @@ then raises ``KeyError`` after every job has run; anomalib logs it and still exi
 ``results.csv`` is written. :func:`collect_benchmark_results` keeps the union of the columns in
 first-seen order and leaves a cell empty where a job has no such key.
 
+The ``anomalib`` CLI calls :func:`anomalib.loggers.configure_logger`, which adds a rich handler to the root logger
+and to Lightning's beside the plain console handlers already there (``logging.basicConfig``'s, Lightning's own):
+every INFO line of a run is printed twice. :func:`patch_configure_logger` wraps it so that each of the two loggers
+keeps one console handler, anomalib's rich one; no record is dropped, each is printed once.
+
 The import hook (:mod:`anomalib_diffusion._import_hook`) applies :func:`patch_benchmark_job` right
-after anomalib's ``anomalib.pipelines.benchmark.job`` module loads, so the unmodified
-``anomalib benchmark`` command gets it. Nothing else in anomalib is changed.
+after anomalib's ``anomalib.pipelines.benchmark.job`` module loads, and :func:`patch_configure_logger` right after
+``anomalib.loggers`` loads, so the unmodified ``anomalib`` command gets them. Nothing else in anomalib is changed.
 """
 
+import functools
+import logging
+import sys
 from types import ModuleType
 from typing import Any
 
 BENCHMARK_JOB_MODULE = "anomalib.pipelines.benchmark.job"
+LOGGERS_MODULE = "anomalib.loggers"
+# The loggers anomalib's configure_logger gives a rich handler: the root logger and Lightning's.
+CONFIGURED_LOGGERS = ("", "lightning.pytorch")
 
 
 def collect_benchmark_results(results: list[dict[str, Any]]) -> "Any":  # noqa: ANN401  (pandas is imported lazily)
@@ -34,3 +45,35 @@ def patch_benchmark_job(module: ModuleType) -> None:
     job_class = getattr(module, "BenchmarkJob", None)
     if job_class is not None:
         job_class.collect = staticmethod(collect_benchmark_results)
+
+
+def one_console_handler(logger: logging.Logger) -> None:
+    """Keep a logger's first rich handler and drop the console handlers that print the same records again.
+
+    Dropped: further rich handlers and plain ``StreamHandler``s writing to stdout or stderr. File handlers and
+    anything else stay. A logger without a rich handler is left as it is.
+    """
+    from rich.logging import RichHandler
+
+    rich = [handler for handler in logger.handlers if isinstance(handler, RichHandler)]
+    if not rich:
+        return
+    for handler in list(logger.handlers):
+        console = type(handler) is logging.StreamHandler and handler.stream in (sys.stdout, sys.stderr)
+        if (console or isinstance(handler, RichHandler)) and handler is not rich[0]:
+            logger.removeHandler(handler)
+
+
+def patch_configure_logger(module: ModuleType) -> None:
+    """Wrap ``configure_logger`` in anomalib's loaded ``anomalib.loggers`` module (idempotent)."""
+    original = getattr(module, "configure_logger", None)
+    if original is None or getattr(original, "__wrapped__", None) is not None:
+        return
+
+    @functools.wraps(original)
+    def configure_logger(*args: Any, **kwargs: Any) -> None:  # noqa: ANN401
+        original(*args, **kwargs)
+        for name in CONFIGURED_LOGGERS:
+            one_console_handler(logging.getLogger(name))
+
+    module.configure_logger = configure_logger

@@ -97,9 +97,17 @@ BENCHMARK_CODE = (
 )
 
 
+# After the CLI's runs (each calls anomalib's configure_logger): one console handler per logger, each line once.
+LOGGING_CODE = """
+import logging
+for name in ("", "lightning.pytorch"):
+    print(name or "root", sorted(type(handler).__name__ for handler in logging.getLogger(name).handlers))
+logging.getLogger("anomalib.check").info("line-logged-once")
+"""
+
 # get_model, the CLI and the benchmark collection run one after the other in one fresh process (anomalib's import,
 # about 15 s of one core, dominates each); each prints its own section.
-ANOMALIB_SECTIONS = {"get_model": GET_MODEL_CODE, "cli": CLI_CODE, "benchmark": BENCHMARK_CODE}
+ANOMALIB_SECTIONS = {"get_model": GET_MODEL_CODE, "cli": CLI_CODE, "logging": LOGGING_CODE, "benchmark": BENCHMARK_CODE}
 ANOMALIB_CODE = "".join(f"print('##### {name}', flush=True)\n{code}\n" for name, code in ANOMALIB_SECTIONS.items())
 
 
@@ -147,6 +155,15 @@ def test_anomalib_cli_resolves_the_model(fresh: dict[str, subprocess.CompletedPr
     for name, argument in CLI_CASES:
         assert re.search(rf"class_path: \S*\.{name.rsplit('.', 1)[-1]}\n", sections[name]), name
         assert f"{argument}: 7" in sections[name], name
+
+
+def test_the_cli_prints_each_log_line_once(fresh: dict[str, subprocess.CompletedProcess]) -> None:
+    """anomalib's configure_logger adds a rich handler beside the plain ones; the plugin keeps the rich one only."""
+    result = fresh["logging"]
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "root ['RichHandler']" in result.stdout
+    assert "lightning.pytorch ['RichHandler']" in result.stdout
+    assert (result.stdout + result.stderr).count("line-logged-once") == 1
 
 
 def test_benchmark_collects_jobs_with_different_settings_and_metrics(

@@ -98,7 +98,8 @@ class ResumeCheckpoint(Callback):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         partial = self.path.with_name(f".{self.path.name}.part")
         try:
-            trainer.save_checkpoint(partial)
+            # The whole training state (optimiser, loops); saying so keeps Lightning from logging its default each time.
+            trainer.save_checkpoint(partial, weights_only=False)
             os.replace(partial, self.path)
         finally:
             partial.unlink(missing_ok=True)
