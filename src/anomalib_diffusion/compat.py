@@ -11,7 +11,7 @@ first-seen order and leaves a cell empty where a job has no such key.
 The ``anomalib`` CLI calls :func:`anomalib.loggers.configure_logger`, which adds a rich handler to the root logger
 and to Lightning's beside the plain console handlers already there (``logging.basicConfig``'s, Lightning's own):
 every INFO line of a run is printed twice. :func:`patch_configure_logger` wraps it so that each of the two loggers
-keeps one console handler, anomalib's rich one; no record is dropped, each is printed once.
+keeps one console handler, the plain one (its lines do not wrap); no record is dropped, each is printed once.
 
 The import hook (:mod:`anomalib_diffusion._import_hook`) applies :func:`patch_benchmark_job` right
 after anomalib's ``anomalib.pipelines.benchmark.job`` module loads, and :func:`patch_configure_logger` right after
@@ -48,19 +48,27 @@ def patch_benchmark_job(module: ModuleType) -> None:
 
 
 def one_console_handler(logger: logging.Logger) -> None:
-    """Keep a logger's first rich handler and drop the console handlers that print the same records again.
+    """Keep one of a logger's console handlers: its first plain one if it has one, else its first rich one.
 
-    Dropped: further rich handlers and plain ``StreamHandler``s writing to stdout or stderr. File handlers and
-    anything else stay. A logger without a rich handler is left as it is.
+    Console handlers are rich handlers and plain ``StreamHandler``s writing to stdout or stderr; file handlers and
+    anything else stay. The plain handler is kept because its lines never wrap: a rich console wraps at its width (80
+    columns when the output is not a terminal), which breaks long lines such as the compile config ``anomalib
+    export`` prints for copying.
     """
     from rich.logging import RichHandler
 
-    rich = [handler for handler in logger.handlers if isinstance(handler, RichHandler)]
-    if not rich:
+    console = [
+        handler
+        for handler in logger.handlers
+        if isinstance(handler, RichHandler)
+        or (type(handler) is logging.StreamHandler and handler.stream in (sys.stdout, sys.stderr))
+    ]
+    if len(console) < 2:  # noqa: PLR2004
         return
-    for handler in list(logger.handlers):
-        console = type(handler) is logging.StreamHandler and handler.stream in (sys.stdout, sys.stderr)
-        if (console or isinstance(handler, RichHandler)) and handler is not rich[0]:
+    plain = [handler for handler in console if not isinstance(handler, RichHandler)]
+    keep = (plain or console)[0]
+    for handler in console:
+        if handler is not keep:
             logger.removeHandler(handler)
 
 
