@@ -60,7 +60,7 @@ class _AnomalibModelsFinder(importlib.abc.MetaPathFinder):
         path: list[str] | None,
         target: ModuleType | None = None,
     ) -> importlib.machinery.ModuleSpec | None:
-        if fullname not in (TARGET_MODULE, BENCHMARK_JOB_MODULE, LOGGERS_MODULE):
+        if fullname != TARGET_MODULE and fullname not in PATCHES:
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
@@ -108,44 +108,39 @@ def register_models() -> None:
         logger.warning("anomalib-diffusion could not register its models with anomalib.", exc_info=True)
 
 
-def patch_benchmark_job(module: ModuleType) -> None:
-    """Let ``anomalib benchmark`` collect results of models with different settings and metrics."""
+# anomalib modules that anomalib_diffusion.compat patches right after they load: the compat function, and what it
+# fixes (for the warning if it fails). ``anomalib benchmark`` collecting results of mixed models; the CLI printing
+# each log line once.
+PATCHES = {
+    BENCHMARK_JOB_MODULE: ("patch_benchmark_job", "benchmark result collection"),
+    LOGGERS_MODULE: ("patch_configure_logger", "console logging"),
+}
+
+
+def apply_patch(module: ModuleType) -> None:
+    """Apply :mod:`anomalib_diffusion.compat`'s fix for one of the :data:`PATCHES` modules; never raise."""
+    function, what = PATCHES[module.__name__]
     try:
-        from anomalib_diffusion.compat import patch_benchmark_job as patch
-
-        patch(module)
+        getattr(importlib.import_module("anomalib_diffusion.compat"), function)(module)
     except Exception:
-        logger.warning("anomalib-diffusion could not patch anomalib's benchmark result collection.", exc_info=True)
-
-
-def patch_configure_logger(module: ModuleType) -> None:
-    """Let the ``anomalib`` CLI print each log line once (see :mod:`anomalib_diffusion.compat`)."""
-    try:
-        from anomalib_diffusion.compat import patch_configure_logger as patch
-
-        patch(module)
-    except Exception:
-        logger.warning("anomalib-diffusion could not patch anomalib's console logging.", exc_info=True)
+        logger.warning("anomalib-diffusion could not patch anomalib's %s.", what, exc_info=True)
 
 
 def _after_import(module: ModuleType) -> None:
     if module.__name__ == TARGET_MODULE:
         register_models()
-    elif module.__name__ == BENCHMARK_JOB_MODULE:
-        patch_benchmark_job(module)
-    elif module.__name__ == LOGGERS_MODULE:
-        patch_configure_logger(module)
+    elif module.__name__ in PATCHES:
+        apply_patch(module)
 
 
 def install() -> None:
     """Arrange for the plugin's models to be registered whenever anomalib's models load."""
-    if BENCHMARK_JOB_MODULE in sys.modules:
-        patch_benchmark_job(sys.modules[BENCHMARK_JOB_MODULE])
-    if LOGGERS_MODULE in sys.modules:
-        patch_configure_logger(sys.modules[LOGGERS_MODULE])
+    loaded = [name for name in PATCHES if name in sys.modules]
+    for name in loaded:
+        apply_patch(sys.modules[name])
     if TARGET_MODULE in sys.modules:
         register_models()
-        if BENCHMARK_JOB_MODULE in sys.modules and LOGGERS_MODULE in sys.modules:
+        if len(loaded) == len(PATCHES):
             return
     if not any(isinstance(finder, _AnomalibModelsFinder) for finder in sys.meta_path):
         sys.meta_path.insert(0, _AnomalibModelsFinder())

@@ -115,8 +115,9 @@ ANOMALIB_CODE = "".join(f"print('##### {name}', flush=True)\n{code}\n" for name,
 def fresh() -> dict[str, subprocess.CompletedProcess]:
     """Two fresh processes (nothing imported before them), side by side: anomalib first, or the plugin first.
 
-    The anomalib one's output is split into its sections: ``fresh["get_model"]``, ``fresh["cli"]``,
-    ``fresh["benchmark"]`` (each with the process's return code and whole stderr).
+    The anomalib one's output is split into its sections (``ANOMALIB_SECTIONS``: ``fresh["get_model"]``,
+    ``fresh["cli"]``, ``fresh["logging"]``, ``fresh["benchmark"]``), each with the process's return code and whole
+    stderr.
     """
     results = run_python_concurrently({"plugin_first": PLUGIN_FIRST_CODE, "anomalib": ANOMALIB_CODE})
     combined = results.pop("anomalib")
