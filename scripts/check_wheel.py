@@ -7,7 +7,7 @@ Run by ``.ci/run`` after the test suite, with the environment that ``scripts/set
 1. Builds the wheel with the standard build frontend (``python -m build --wheel``, an isolated build).
 2. Checks its metadata: ``Requires-Python``, and that no runtime dependency is pinned to one version (exact pins
    belong in constraints.txt); and its contents: the ``.pth`` import hook at the top level, the anomalib configs
-   under ``anomalib_diffusion/configs`` (the same files as ``configs/``), the console scripts.
+   under ``anomalib_diffusion/configs`` (the same files as ``configs/``), the Flower App folder, the console scripts.
 3. Makes a *user's* environment that already has anomalib, torch and the rest (a fresh virtual environment that
    sees this environment's packages, without anomalib-diffusion), installs the wheel there with the package index
    switched off, and checks that pip wanted nothing but the plugin, that torch and anomalib are the ones the user
@@ -36,6 +36,7 @@ SCRIPTS = (
     "anomalib-diffusion-federated",
     "anomalib-diffusion-config",
 )
+FLOWER_APP = "anomalib_diffusion/federated/flower_app/"
 # Extras whose pins are tools' versions, not the library's (see pyproject.toml).
 TOOL_EXTRAS = {"test"}
 # The `anomalib` console script's own entry point, as a user types `anomalib train --model NAME --print_config`.
@@ -100,6 +101,13 @@ def check_wheel(wheel: Path) -> None:
     check(packaged == shipped, f"the wheel carries configs/ as anomalib_diffusion/configs ({len(packaged)} files)")
     missing = [script for script in SCRIPTS if re.search(rf"^{script} =", scripts, re.MULTILINE) is None]
     check(not missing, f"console scripts declared (missing: {missing})")
+    app = sorted(name.removeprefix(FLOWER_APP) for name in names if name.startswith(FLOWER_APP))
+    expected = sorted(
+        str(path.relative_to(REPO / "src" / FLOWER_APP))
+        for path in (REPO / "src" / FLOWER_APP).rglob("*")
+        if path.is_file() and "__pycache__" not in path.parts
+    )
+    check(app == expected, f"the wheel carries the Flower App folder that `flwr run` takes ({app})")
 
 
 def user_environment(folder: Path) -> tuple[Path, Path]:
@@ -146,6 +154,8 @@ def install_and_use(wheel: Path, python: Path, site_packages: Path, folder: Path
     check(all((bin_dir / script).is_file() for script in SCRIPTS), "console scripts installed")
     printed = run([str(bin_dir / "anomalib-diffusion-config"), "radar"]).stdout
     check(printed == (REPO / "configs" / "radar.yaml").read_text(), "anomalib-diffusion-config radar prints the config")
+    app_path = Path(run([str(bin_dir / "anomalib-diffusion-federated"), "app-path"]).stdout.strip())
+    check((app_path / "pyproject.toml").is_file(), f"anomalib-diffusion-federated app-path prints the app ({app_path})")
     check((site_packages / "anomalib_diffusion.pth").is_file(), "the .pth hook is installed")
     resolved = run([str(python), "-c", CLI_CODE], cwd=folder).stdout
     check(resolved.split() == ["resolved", "RADAR", "resolved", "GLAD", "resolved", "DADDA"], "anomalib CLI --model")

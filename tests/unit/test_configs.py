@@ -1,6 +1,7 @@
 """The shipped configs name every model argument, with the model's own defaults."""
 
 import inspect
+import json
 from pathlib import Path
 
 import pytest
@@ -114,3 +115,18 @@ def test_the_shipped_configs_are_reachable_by_name(capsys: pytest.CaptureFixture
     with pytest.raises(SystemExit):
         config_main(["radr"])
     assert "No shipped config named 'radr'" in capsys.readouterr().err
+
+
+def test_the_flower_app_is_valid_and_takes_every_run_config_key_the_commands_write(tmp_path: Path) -> None:
+    """`flwr run` refuses a run config key the app does not declare; the app must import from its folder."""
+    from flwr.cli.config_utils import load_and_validate
+
+    from anomalib_diffusion.federated.cli import APP_PATH, run_config
+
+    app, _ = load_and_validate(APP_PATH / "pyproject.toml", check_module=True)
+    declared = app["tool"]["flwr"]["app"]["config"]
+    written = run_config(load_config(CONFIGS / "dadda_federated.yaml"), ["hole", "scratch"], tmp_path / "g.ckpt")
+    assert set(written) <= set(declared)
+    assert set(declared) - set(written) == {"sites-root", "category", "threads", "detector-site"}, "simulate adds them"
+    assert written["defect-types"] == "hole,scratch"
+    assert json.loads(written["model"]) == load_config(CONFIGS / "dadda_federated.yaml")["model"]

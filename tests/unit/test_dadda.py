@@ -12,6 +12,7 @@ from anomalib_diffusion.components import UNetConfig
 from anomalib_diffusion.data import MVTecADFewDefects
 from anomalib_diffusion.data.few_defects import defect_type_of, split_real_defects
 from anomalib_diffusion.models import DADDA
+from anomalib_diffusion.models.dadda import DefectTypeStatistics, pooled_type_head
 from anomalib_diffusion.models.dadda.torch_model import (
     DADDAModel,
     DefectDetector,
@@ -267,6 +268,124 @@ class TestDefectTypeHead:
     def test_an_unknown_source_is_refused(self) -> None:
         with pytest.raises(ValueError, match="type_head_source='real' must be"):
             DADDA(type_head_source="real")
+
+
+def site_with_one_type(name: str) -> DADDA:
+    """A site of a two-type federation ("blob", "scratch") whose DAM holds regions of ``name`` only."""
+    model = dadda_with_bank("dam", defect_types=["blob", "scratch"])
+    images, masks, names = two_type_defects(4, seed=0)
+    keep = [index for index, held in enumerate(names) if held == name]
+    bank = DefectBank.from_images(images[keep], masks[keep], [name] * len(keep))
+    model._set_type_names(bank)
+    model.dam = DataAugmentationModule(bank, paste=DefectPaste(blending="alpha"))
+    return model
+
+
+class TestPooledTypeHead:
+    """The federated head: sites send per-type feature sums of the global detector; the server fits one head."""
+
+    def test_the_discriminant_matches_its_closed_form(self) -> None:
+        generator = torch.Generator().manual_seed(0)
+        features = [
+            torch.randn(n, 5, generator=generator, dtype=torch.float64) + shift for n, shift in ((7, 1), (9, -2))
+        ]
+        statistics = DefectTypeStatistics.empty(4, 5)
+        for row, values in zip((0, 2), features, strict=True):
+            statistics.count[row] = len(values)
+            statistics.total[row] = values.sum(dim=0)
+            statistics.squares[row] = values.square().sum(dim=0)
+        rows, weight, bias = pooled_type_head(statistics)
+        means = torch.stack([values.mean(dim=0) for values in features])
+        within = sum(((values - values.mean(dim=0)) ** 2).sum(dim=0) for values in features) / (16 - 2)
+        variance = within + 1e-3 * within.mean()
+        assert rows.tolist() == [0, 2], "types no site holds get no row"
+        torch.testing.assert_close(weight, means / variance)
+        torch.testing.assert_close(bias, -0.5 * (means**2 / variance).sum(dim=1))
+
+    def test_two_sites_statistics_name_both_types_with_the_shared_detector(self) -> None:
+        """Each site holds one type; the pooled head names both, on the one detector both sites scored with."""
+        blob_site, scratch_site = site_with_one_type("blob"), site_with_one_type("scratch")
+        scratch_site.model.detector.load_state_dict(blob_site.model.detector.state_dict())  # the global detector
+        blob_statistics, scratch_statistics = blob_site.defect_type_statistics(), scratch_site.defect_type_statistics()
+        assert blob_statistics.count.tolist()[:3] == [16, 0, 0], "a site sends statistics of its own type only"
+        assert scratch_statistics.count.tolist()[:3] == [0, 16, 0]
+        server = site_with_one_type("blob")
+        server.model.detector.load_state_dict(blob_site.model.detector.state_dict())
+        server.set_type_head_from_statistics(blob_statistics + scratch_statistics)
+        images, masks, names = two_type_defects(10, seed=1)
+        predicted = server.eval().model.classify_defects(images, masks)
+        truth = torch.tensor([server.type_names.index(name) for name in names])
+        accuracy = float((predicted == truth).float().mean())
+        assert accuracy >= 0.9, f"accuracy {accuracy:.2f} on two types (chance 0.5)"
+
+    def test_one_sites_statistics_leave_the_head_empty(self) -> None:
+        site = site_with_one_type("blob")
+        site.set_type_head_from_statistics(site.defect_type_statistics())
+        assert site.model.type_weight.abs().sum() == 0
+
+    def test_statistics_of_another_model_shape_are_refused(self) -> None:
+        with pytest.raises(ValueError, match="different settings"):
+            DefectTypeStatistics.empty(4, 5) + DefectTypeStatistics.empty(4, 6)
+
+    def test_a_bank_built_outside_a_fit_is_the_one_a_fit_builds(self, demo_root: Path) -> None:
+        """``prepare_defect_bank``: what a site does before scoring the global model (no Trainer)."""
+        data = MVTecADFewDefects(root=demo_root, category="brick", defects_per_type=1, num_workers=0, seed=0)
+        model = DADDA(image_size=64, patch_size=32, block_out_channels=(8, 16), detector_width=8, visualizer=False)
+        model.prepare_defect_bank(data)
+        assert model.type_names == ["contamination", "hole", "scratch", "stain"]
+        assert model.held_defect_types() == {0, 1, 2, 3}
+        assert model._normal_images is not None and model._normal_images.shape[1:] == (3, 64, 64)
+        assert len(model._normal_images) == len(data.train_data)
+
+
+class TestMasksOnly:
+    """A site with normal images and no real defects, given the type names: the generator draws every type."""
+
+    def model(self) -> DADDA:
+        torch.manual_seed(0)
+        model = DADDA(
+            image_size=64,
+            patch_size=32,
+            block_out_channels=(8, 16),
+            generation_steps=2,
+            detector_width=8,
+            type_samples_per_type=4,
+            procedural_seeds=4,
+            defect_types=["blob", "crack", "scratch"],
+            visualizer=False,
+        )
+        normals = (0.5 + 0.05 * torch.randn(8, 3, 64, 64)).clamp(0, 1)
+        model._build_defect_bank(normals, None)
+        return model
+
+    def test_a_procedural_bank_keeps_the_given_type_names_and_holds_none_of_them(self) -> None:
+        model = self.model()
+        assert model.type_names == ["blob", "crack", "scratch"]
+        assert model.held_defect_types() == set()
+        assert int(model.model.type_count) == 3
+
+    def test_the_detector_gets_generated_defects_of_every_type(self) -> None:
+        model = self.model()
+        requested: list[torch.Tensor] = []
+        generate = model.model.generator.generate
+
+        def recording_generate(images: torch.Tensor, masks: torch.Tensor, types: torch.Tensor) -> torch.Tensor:
+            requested.append(types.cpu())
+            return generate(images, masks, types)
+
+        model.model.generator.generate = recording_generate  # type: ignore[method-assign]
+        model.generated_fraction, model.defect_probability = 1.0, 1.0
+        torch.manual_seed(1)
+        for _ in range(4):
+            model._detector_loss(model._normal_images)
+        assert set(torch.cat(requested).tolist()) == {0, 1, 2}
+
+    def test_a_head_on_generated_defects_covers_every_type(self) -> None:
+        model = self.model()
+        model.type_head_source = "generated"
+        model.fit_defect_type_head()
+        assert model.model.type_weight[:3].abs().sum(dim=1).gt(0).all()
+        assert torch.isfinite(model.model.type_bias[:3]).all()
 
 
 class TestFewDefectsDatamodule:

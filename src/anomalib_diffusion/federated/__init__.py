@@ -1,23 +1,28 @@
-"""D-ADDA across sites that may not share images: Flower clients and server, site data splits, weight payloads.
+"""D-ADDA across sites that may not share images: a Flower App (ServerApp + ClientApp), site splits, payload audit.
 
-Run ``anomalib-diffusion-federated --help`` (or ``python -m anomalib_diffusion.federated``).
-The Flower parts load on first use: ``pip install "anomalib-diffusion[federated]"`` installs Flower.
+Run ``anomalib-diffusion-federated --help`` (or ``python -m anomalib_diffusion.federated``); docs/dadda.md shows
+the deployments. The Flower parts load on first use: ``pip install "anomalib-diffusion[federated]"`` installs Flower.
 """
 
 from importlib import import_module
 from typing import Any
 
 _MODULES = {
-    "DADDASite": "flower",
-    "DADDAFedAvg": "flower",
-    "run_server": "flower",
-    "run_site": "flower",
-    "save_global_checkpoint": "flower",
+    "client_app": "apps",
+    "server_app": "apps",
+    "DADDAFedAvg": "apps",
+    "FederationSettings": "apps",
+    "SiteSettings": "apps",
+    "payload_audit": "apps",
+    "run_federation": "apps",
+    "save_global_checkpoint": "apps",
+    "make_credentials": "security",
     "Site": "sites",
     "split_into_sites": "sites",
-    "audit_payload": "weights",
+    "audit_reply": "weights",
     "load_state_arrays": "weights",
     "state_arrays": "weights",
+    "state_dict_arrays": "weights",
 }
 
 __all__ = list(_MODULES)

@@ -34,12 +34,16 @@ def defect_types_in(category_root: Path) -> list[str]:
     return sorted(path.name for path in test.iterdir() if path.is_dir() and path.name != "good")
 
 
-def split_into_sites(root: Path | str, category: str, sites: int, output: Path | str, seed: int = 0) -> list[Site]:
+def split_into_sites(
+    root: Path | str, category: str, sites: int, output: Path | str, seed: int = 0, detector_site: bool = False
+) -> list[Site]:
     """Write ``sites`` site folders under ``output`` (``site_0``, ...) and describe them.
 
     Defect types are dealt round-robin (site ``i`` gets types ``i, i + sites, ...``); normal images
-    are shuffled with ``seed`` and dealt the same way. The folders are built in a temporary folder
-    and moved into place, so an interrupted split leaves nothing half-written.
+    are shuffled with ``seed`` and dealt the same way. With ``detector_site``, one more folder
+    (``site_<sites>``, last) gets a share of the normal images and no defect at all: the site of the
+    dislocated set-up that trains the detector. The folders are built in a temporary folder and moved
+    into place, so an interrupted split leaves nothing half-written.
     """
     category_root = Path(root) / category
     if not (category_root / "train" / "good").is_dir():
@@ -64,11 +68,13 @@ def split_into_sites(root: Path | str, category: str, sites: int, output: Path |
         for index in range(sites):
             site_types = tuple(types[index::sites])
             described.append(Site(f"site_{index}", output / f"site_{index}", site_types))
+        if detector_site:
+            described.append(Site(f"site_{sites}", output / f"site_{sites}", ()))
         for split in ("train/good", "test/good"):
             images = _images(category_root / split)
             order = rng.permutation(len(images))
             for index, site in enumerate(described):
-                _copy([images[i] for i in order[index::sites]], staging / site.name / category / split)
+                _copy([images[i] for i in order[index :: len(described)]], staging / site.name / category / split)
         for site in described:
             for defect_type in site.defect_types:
                 _copy(

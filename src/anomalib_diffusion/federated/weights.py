@@ -1,16 +1,33 @@
-"""What travels between a D-ADDA site and the server: the model's weights, as NumPy arrays, and nothing else.
+"""What may leave a D-ADDA site: model weights and per-type feature sums under known names and shapes, and scalars.
 
-The payload is the ``DADDA`` module's ``state_dict`` (generator, detector, defect-type head and
-anomalib's post-processor statistics), in the module's own key order. Before a site sends it,
-:func:`audit_payload` checks every array against the shapes of that state dict, so an image (or
-any tensor that is not a weight) cannot leave a site even by mistake.
+Three payloads carry arrays (Flower ``ArrayRecord``), each checked against a reference model built from
+the settings the server sent:
+
+- ``"arrays"`` (a training reply): the ``DADDA`` module's ``state_dict`` (generator, detector,
+  defect-type head, anomalib's post-processor statistics) under its own key names and shapes;
+- ``"generator"`` (a defect site's reply in the dislocated set-up): the generator's part of it only;
+- ``"statistics"`` (a defect-type statistics reply): ``count (T,)``, ``total (T, D)`` and
+  ``squares (T, D)`` (:class:`~anomalib_diffusion.models.dadda.DefectTypeStatistics`), with ``T``
+  the model's type-table size and ``D`` its detector's feature size.
+
+Metrics travel as scalars only. :func:`audit_reply` refuses anything else, so that an image (or any
+tensor that is not one of these) cannot leave a site, even by mistake: the sites' ``ClientApp``
+runs it on every reply (a Flower mod, :func:`anomalib_diffusion.federated.apps.payload_audit`).
 """
 
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
 import torch
 from lightning.pytorch import LightningModule
+
+STATISTICS_KEYS = ("count", "total", "squares")
+GENERATOR_PREFIX = "model.generator."
+
+
+def shape_of(array: object) -> tuple[int, ...]:
+    """An array's shape as it travels: Flower's ``Array`` carries a 0-d array (a scalar buffer) as shape ``(1,)``."""
+    return tuple(np.shape(array)) or (1,)
 
 
 def weight_names(module: LightningModule) -> list[str]:
@@ -27,9 +44,26 @@ def state_arrays(module: LightningModule) -> list[np.ndarray]:
     return arrays
 
 
-def load_state_arrays(module: LightningModule, arrays: Sequence[np.ndarray]) -> None:
-    """Load arrays made by :func:`state_arrays` (possibly averaged), casting each back to its tensor's dtype."""
+def state_dict_arrays(module: LightningModule) -> dict[str, np.ndarray]:
+    """:func:`state_arrays` under their state-dict names (what an ``ArrayRecord`` carries)."""
+    return dict(zip(weight_names(module), state_arrays(module), strict=True))
+
+
+def load_state_arrays(module: LightningModule, arrays: Sequence[np.ndarray] | Mapping[str, np.ndarray]) -> None:
+    """Load arrays made by :func:`state_arrays` (possibly averaged), casting each back to its tensor's dtype.
+
+    ``arrays`` is either the list in state-dict order or a mapping by state-dict name.
+    """
     state = module.state_dict()
+    if isinstance(arrays, Mapping):
+        missing, unexpected = sorted(set(state) - set(arrays)), sorted(set(arrays) - set(state))
+        if missing or unexpected:
+            msg = (
+                f"Received weights that do not match this {type(module).__name__} (missing {missing[:3]}, unexpected "
+                f"{unexpected[:3]}): the server and this site build the model with different settings or versions."
+            )
+            raise ValueError(msg)
+        arrays = [arrays[name] for name in state]
     if len(arrays) != len(state):
         msg = (
             f"Received {len(arrays)} weight arrays, but this {type(module).__name__} has {len(state)}: the server and "
@@ -38,13 +72,13 @@ def load_state_arrays(module: LightningModule, arrays: Sequence[np.ndarray]) -> 
         raise ValueError(msg)
     loaded = {}
     for (name, current), array in zip(state.items(), arrays, strict=True):
-        if tuple(array.shape) != tuple(current.shape):
+        if shape_of(array) != shape_of(current):
             msg = (
-                f"Weight {name!r} arrived with shape {tuple(array.shape)}, but this model's is {tuple(current.shape)}: "
-                "the server and this site build the model with different settings."
+                f"Weight {name!r} arrived with shape {tuple(np.shape(array))}, but this model's is "
+                f"{tuple(current.shape)}: the server and this site build the model with different settings."
             )
             raise ValueError(msg)
-        tensor = torch.from_numpy(np.asarray(array))
+        tensor = torch.from_numpy(np.array(array)).reshape(current.shape)
         if current.dtype == torch.bool:
             tensor = tensor > 0.5  # noqa: PLR2004
         elif not current.dtype.is_floating_point:
@@ -53,14 +87,53 @@ def load_state_arrays(module: LightningModule, arrays: Sequence[np.ndarray]) -> 
     module.load_state_dict(loaded)
 
 
-def audit_payload(arrays: Sequence[np.ndarray], reference: LightningModule) -> None:
-    """Refuse to send anything but the reference model's weights (same count, same shapes, in order)."""
-    shapes = [tuple(value.shape) for value in reference.state_dict().values()]
-    sent = [tuple(np.shape(array)) for array in arrays]
-    if sent != shapes:
-        extra = [shape for shape in sent if shape not in shapes]
-        msg = (
-            f"Refusing to send a payload that is not this model's weights ({len(sent)} arrays, expected "
-            f"{len(shapes)}; unexpected shapes: {extra[:3]}). Only weights may leave a site."
-        )
+def allowed_shapes(reference: LightningModule) -> dict[str, dict[str, tuple[int, ...]]]:
+    """Per array payload name, the names and shapes that may leave a site with ``reference``'s settings."""
+    types, dim = reference.model.type_weight.shape
+    weights = {name: shape_of(value) for name, value in reference.state_dict().items()}
+    generator = {name: shape for name, shape in weights.items() if name.startswith(GENERATOR_PREFIX)}
+    statistics = {"count": (types,), "total": (types, dim), "squares": (types, dim)}
+    return {"arrays": weights, "generator": generator, "statistics": statistics}
+
+
+def audit_reply(
+    arrays: Mapping[str, Mapping[str, tuple[int, ...]]],
+    metrics: Mapping[str, Mapping[str, object]],
+    configs: Sequence[str],
+    reference: LightningModule,
+    allowed_records: Collection[str] | None = None,
+) -> None:
+    """Refuse a reply that carries anything but known payloads (names and shapes), scalar metrics and no configs.
+
+    Args:
+        arrays: Per array record in the reply, its array names and shapes.
+        metrics: Per metric record, its values.
+        configs: Names of config records in the reply (none may leave a site: they can carry bytes).
+        reference: A model built with the settings the server sent.
+        allowed_records: The array records this kind of reply may carry (default: any known one).
+    """
+    allowed = allowed_shapes(reference)
+    if allowed_records is not None:
+        allowed = {name: shapes for name, shapes in allowed.items() if name in allowed_records}
+    for record, shapes in arrays.items():
+        expected = allowed.get(record)
+        if expected is None:
+            msg = f"Refusing to send array record {record!r}: only {sorted(allowed)} may leave a site here."
+            raise RuntimeError(msg)
+        sent = {name: tuple(shape) or (1,) for name, shape in shapes.items()}
+        if sent != expected:
+            unexpected = {name: shape for name, shape in sent.items() if expected.get(name) != shape}
+            missing = sorted(set(expected) - set(sent))
+            msg = (
+                f"Refusing to send {record!r}: it is not this model's {record} (unexpected arrays {list(unexpected.items())[:3]}, "
+                f"missing {missing[:3]}). Only weights and defect-type statistics may leave a site."
+            )
+            raise RuntimeError(msg)
+    for record, values in metrics.items():
+        bad = [name for name, value in values.items() if not isinstance(value, int | float)]
+        if bad:
+            msg = f"Refusing to send metrics {bad[:3]} of {record!r}: only single numbers may leave a site as metrics."
+            raise RuntimeError(msg)
+    if configs:
+        msg = f"Refusing to send config records {list(configs)}: a site sends weights, statistics and metrics only."
         raise RuntimeError(msg)

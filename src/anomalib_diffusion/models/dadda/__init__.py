@@ -2,5 +2,6 @@
 
 from .lightning_model import DADDA
 from .torch_model import DADDAModel, DefectDetector, DefectGenerator
+from .type_head import DefectTypeStatistics, pooled_type_head
 
-__all__ = ["DADDA", "DADDAModel", "DefectDetector", "DefectGenerator"]
+__all__ = ["DADDA", "DADDAModel", "DefectDetector", "DefectGenerator", "DefectTypeStatistics", "pooled_type_head"]

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from anomalib.data import Batch
+from anomalib.data import AnomalibDataModule, Batch
 from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
 from anomalib.pre_processing import PreProcessor
@@ -41,7 +41,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 from tqdm.auto import tqdm
 
@@ -64,6 +64,7 @@ from anomalib_diffusion.components import (
 from anomalib_diffusion.data.few_defects import defect_type_of
 
 from .torch_model import DADDAModel, crop_at, defect_crop_boxes, paste_at
+from .type_head import DefectTypeStatistics, pooled_type_head
 
 __all__ = ["DADDA"]
 
@@ -198,6 +199,9 @@ class DADDA(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
             top_k_fraction=top_k_fraction,
         )
         self.dam: DataAugmentationModule | None = None
+        # A federated site leaves the head to the server, which fits one against the global detector.
+        self.fit_type_head_at_end = True
+        self._typed_regions = True
         self._normal_images: torch.Tensor | None = None
         # Defect-type counts: [correct in the true region, images scored; correct in the model's own region, scored].
         self._type_hits = torch.zeros(4, dtype=torch.long)
@@ -224,11 +228,34 @@ class DADDA(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
 
     def on_fit_start(self) -> None:
         """Build the DAM's defect bank from the lent real defects, or from procedural seeds."""
-        self._normal_images = self._collect_normal_images()
-        real = self._load_real_defects()
+        datamodule = getattr(self.trainer, "datamodule", None)
+        self._build_defect_bank(
+            self._collect_normal_images(training_images_loader(self)),
+            self._load_real_defects(getattr(datamodule, "defect_data", None)),
+        )
+        super().on_fit_start()  # last: a resumed run restores its random generators here
+
+    def prepare_defect_bank(self, datamodule: AnomalibDataModule) -> None:
+        """Build the DAM from ``datamodule`` outside a fit (the DAM is not saved in checkpoints).
+
+        What a federated site does to score the *global* model on its own defects: it loads the
+        global weights, builds its DAM from its own training images and lent defects as a fit would,
+        then calls :meth:`defect_type_statistics`.
+        """
+        datamodule.setup("fit")
+        dataset = datamodule.train_data
+        loader = DataLoader(dataset, batch_size=8, shuffle=False, num_workers=0, collate_fn=dataset.collate_fn)
+        self._build_defect_bank(
+            self._collect_normal_images(loader), self._load_real_defects(getattr(datamodule, "defect_data", None))
+        )
+
+    def _build_defect_bank(
+        self, normal_images: torch.Tensor, real: tuple[torch.Tensor, torch.Tensor, list[str]] | None
+    ) -> None:
+        self._normal_images = normal_images
         if real is None:
             bank = DefectBank.procedural(
-                self._normal_images,
+                normal_images,
                 count=self.procedural_seeds,
                 synthesis=PerlinAnomalySynthesis(
                     probability=1.0,
@@ -241,16 +268,22 @@ class DADDA(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
             images, masks, names = real
             bank = DefectBank.from_images(images, masks, names)
             logger.info("D-ADDA: defect bank from real defects: %s regions per type.", bank.counts())
-        self._set_type_names(bank)
+        self._set_type_names(bank, procedural=real is None)
         self.dam = DataAugmentationModule(
             bank,
             paste=DefectPaste(blending=self.blending, foreground=self.defect_foreground),  # type: ignore[arg-type]
         )
-        super().on_fit_start()  # last: a resumed run restores its random generators here
 
-    def _set_type_names(self, bank: DefectBank) -> None:
-        """Index the bank's types by ``defect_types`` (if given) so every site uses the same indices."""
-        if self.type_names:
+    def _set_type_names(self, bank: DefectBank, procedural: bool = False) -> None:
+        """Index the bank's types by ``defect_types`` (if given) so every site uses the same indices.
+
+        A procedural bank (no real defects) with ``defect_types`` given holds masks only: it has no region of any
+        of those types, and the generator (trained elsewhere, e.g. at federated defect sites) draws each type.
+        """
+        self._typed_regions = not procedural
+        if self.type_names and procedural:
+            pass
+        elif self.type_names:
             missing = sorted(set(bank.type_names) - set(self.type_names))
             if missing:
                 msg = (
@@ -308,7 +341,11 @@ class DADDA(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
         )
 
     def _detector_loss(self, images: torch.Tensor) -> torch.Tensor:
-        inputs, masks = self.defective_batch(images, self.defect_probability, self.generated_fraction)
+        types = None
+        if not self.held_defect_types() and len(self.type_names) >= 2 and self.generated_fraction > 0:  # noqa: PLR2004
+            # Masks only (no region of any named type): the generator draws every type, in turn at random.
+            types = torch.randint(len(self.type_names), (images.shape[0],))
+        inputs, masks = self.defective_batch(images, self.defect_probability, self.generated_fraction, types)
         logits = self.model(inputs)
         return focal_loss(logits, masks[:, 0].long(), alpha=None, gamma=2.0, reduction="mean")
 
@@ -355,8 +392,11 @@ class DADDA(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
         return outputs, masks
 
     def held_defect_types(self) -> set[int]:
-        """Indices of the defect types the DAM's bank holds real (or procedural) regions of."""
-        return {cutout.defect_type for cutout in self._require_dam().bank.cutouts}
+        """Indices of the defect types the DAM's bank holds regions of (none when only masks were given)."""
+        bank = self._require_dam().bank
+        if not self._typed_regions and self.type_names != bank.type_names:
+            return set()
+        return {cutout.defect_type for cutout in bank.cutouts}
 
     def _require_dam(self) -> DataAugmentationModule:
         if self.dam is None:
@@ -367,9 +407,9 @@ class DADDA(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
     # -- data lent by the datamodule ---------------------------------------------------------
 
     @torch.no_grad()
-    def _collect_normal_images(self) -> torch.Tensor:
+    def _collect_normal_images(self, loader: DataLoader) -> torch.Tensor:
         images = []
-        for batch in training_images_loader(self):
+        for batch in loader:
             batch_images = batch.image.to(self.device)
             images.append(self.pre_processor(batch_images) if self.pre_processor is not None else batch_images)
             if sum(len(chunk) for chunk in images) >= MAX_NORMAL_IMAGES:
@@ -377,9 +417,8 @@ class DADDA(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
         return torch.cat(images)[:MAX_NORMAL_IMAGES]
 
     @torch.no_grad()
-    def _load_real_defects(self) -> tuple[torch.Tensor, torch.Tensor, list[str]] | None:
+    def _load_real_defects(self, dataset: Dataset | None) -> tuple[torch.Tensor, torch.Tensor, list[str]] | None:
         """The datamodule's ``defect_data`` (k real defects per type), pre-processed with their masks."""
-        dataset = getattr(getattr(self.trainer, "datamodule", None), "defect_data", None)
         if dataset is None or len(dataset) == 0:
             return None
         images, masks, names = [], [], []
@@ -401,7 +440,8 @@ class DADDA(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
     def on_validation_start(self) -> None:
         """At the end of fitting: fit the defect-type head; the model is then ready to test and export."""
         if self.trainer.state.fn == TrainerFn.FITTING:
-            self.fit_defect_type_head()
+            if self.fit_type_head_at_end:
+                self.fit_defect_type_head()
             self.model.fitted.fill_(True)
 
     @torch.no_grad()
@@ -418,41 +458,88 @@ class DADDA(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
         self.model.type_bias.zero_()
         if count < 2 or self._normal_images is None or self.dam is None:  # noqa: PLR2004
             return
-        was_training = self.training
-        self.eval()
-        features, labels = [], []
         held = self.held_defect_types()
-        per_batch = 8
-        for defect_type in tqdm(range(count), desc="D-ADDA: fitting the defect-type head", leave=False):
-            if defect_type not in held and self.type_head_source == "dam":
-                continue  # no real region of this type to paste: the head cannot learn it
-            pasted = self._head_pasted_count(defect_type in held)
-            for start in range(0, self.type_samples_per_type, per_batch):
-                size = min(per_batch, self.type_samples_per_type - start)
-                picks = torch.randint(len(self._normal_images), (size,))
-                types = torch.full((size,), defect_type, dtype=torch.long)
-                images, masks = self._head_batch(self._normal_images[picks], types, start, pasted)
-                present = masks.flatten(1).any(dim=1)
-                if present.any():
-                    features.append(self.model.detector.mask_features(images[present], masks[present]).cpu())
-                    labels += [defect_type] * int(present.sum())
-        self.train(was_training)
-        if len(set(labels)) < 2:  # noqa: PLR2004
+        types = [index for index in range(count) if index in held or self.type_head_source != "dam"]
+        features, labels = self._type_head_features(types)
+        if len(set(labels.tolist())) < 2:  # noqa: PLR2004
             logger.warning("D-ADDA: too few generated defects to fit the defect-type head; it stays empty.")
             return
-        inputs = torch.cat(features).double().numpy()
+        inputs = features.double().numpy()
         scaler = StandardScaler().fit(inputs)
-        classifier = LogisticRegression(max_iter=2000).fit(scaler.transform(inputs), labels)
+        classifier = LogisticRegression(max_iter=2000).fit(scaler.transform(inputs), labels.numpy())
         weight = torch.from_numpy(classifier.coef_ / scaler.scale_)
         bias = torch.from_numpy(classifier.intercept_) - weight @ torch.from_numpy(scaler.mean_)
         if len(classifier.classes_) == 2:  # noqa: PLR2004
             # scikit-learn keeps one row for two classes: class 1's logit against class 0's zero.
             weight, bias = torch.cat([torch.zeros_like(weight), weight]), torch.cat([torch.zeros_like(bias), bias])
-        rows = torch.as_tensor(classifier.classes_)
+        self._set_type_head(torch.as_tensor(classifier.classes_), weight, bias)
+
+    @torch.no_grad()
+    def defect_type_statistics(self) -> DefectTypeStatistics:
+        """Per defect type this site holds: count, sum and sum of squares of the detector's mask-pooled features.
+
+        The defects are made as for :meth:`fit_defect_type_head` (``type_head_source``), for the
+        types of which the DAM holds real regions only. These aggregates are what a federated site
+        sends so that the server can fit one head against the *global* detector
+        (:func:`pooled_type_head`); no image or single defect's features leave the site.
+        Needs the DAM (a fit, or :meth:`prepare_defect_bank`).
+        """
+        self._require_dam()
+        rows, dim = self.model.type_weight.shape
+        statistics = DefectTypeStatistics.empty(rows, dim)
+        held = sorted(self.held_defect_types())
+        if not held:
+            return statistics
+        features, labels = self._type_head_features(held)
+        features = features.double()
+        statistics.count.index_add_(0, labels, torch.ones(len(labels), dtype=torch.float64))
+        statistics.total.index_add_(0, labels, features)
+        statistics.squares.index_add_(0, labels, features.square())
+        return statistics
+
+    def set_type_head_from_statistics(self, statistics: DefectTypeStatistics) -> None:
+        """Fit the defect-type head from (summed) :meth:`defect_type_statistics` of one or more sites."""
+        rows, weight, bias = pooled_type_head(statistics)
+        self.model.type_weight.zero_()
+        self.model.type_bias.zero_()
+        if len(rows) >= 2:  # noqa: PLR2004
+            self._set_type_head(rows, weight, bias)
+        else:
+            logger.warning("D-ADDA: statistics of fewer than two defect types; the defect-type head stays empty.")
+
+    def _set_type_head(self, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> None:
         self.model.type_weight[rows] = weight.to(self.model.type_weight)
         self.model.type_bias[rows] = bias.to(self.model.type_bias)
-        missing = sorted(set(range(count)) - set(rows.tolist()))
+        missing = sorted(set(range(len(self.type_names))) - set(rows.tolist()))
         self.model.type_bias[missing] = -torch.inf
+
+    def _type_head_features(self, types: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(features (N, D), labels (N,))``: ``type_samples_per_type`` head defects of each of ``types``."""
+        normal_images = self._normal_images
+        if normal_images is None:
+            msg = "D-ADDA's defect bank is built when fitting starts; call engine.fit (or prepare_defect_bank) first."
+            raise RuntimeError(msg)
+        was_training = self.training
+        self.eval()
+        features, labels = [], []
+        held = self.held_defect_types()
+        per_batch = 8
+        for defect_type in tqdm(types, desc="D-ADDA: defects for the defect-type head", leave=False):
+            pasted = self._head_pasted_count(defect_type in held)
+            for start in range(0, self.type_samples_per_type, per_batch):
+                size = min(per_batch, self.type_samples_per_type - start)
+                picks = torch.randint(len(normal_images), (size,))
+                batch_types = torch.full((size,), defect_type, dtype=torch.long)
+                images, masks = self._head_batch(normal_images[picks], batch_types, start, pasted)
+                present = masks.flatten(1).any(dim=1)
+                if present.any():
+                    features.append(self.model.detector.mask_features(images[present], masks[present]).cpu())
+                    labels += [defect_type] * int(present.sum())
+        self.train(was_training)
+        dim = self.model.type_weight.shape[1]
+        if not features:
+            return torch.zeros(0, dim), torch.zeros(0, dtype=torch.long)
+        return torch.cat(features), torch.tensor(labels, dtype=torch.long)
 
     def _head_pasted_count(self, held: bool) -> int:
         """How many of a type's ``type_samples_per_type`` head samples are DAM pastes (the rest: generated)."""

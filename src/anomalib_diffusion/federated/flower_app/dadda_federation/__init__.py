@@ -1,0 +1,1 @@
+"""Federated D-ADDA as a Flower App: see anomalib_diffusion.federated.apps."""
