@@ -131,7 +131,16 @@ def worker_group(nodeid: str) -> str:
 
 # The groups that take longest (each a minute or more on 2 cores), handed out first so that no worker is left with
 # a long one at the end; the rest follow in collection order.
-LONGEST_GROUPS = ("test_cli", "glad", "test_federated", "radar", "test_peers_export", "dadda", "test_registration")
+LONGEST_GROUPS = (
+    "test_federated_deployment",
+    "test_federated",
+    "test_cli",
+    "glad",
+    "radar",
+    "test_peers_export",
+    "dadda",
+    "test_registration",
+)
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
