@@ -9,8 +9,8 @@ Two parts, one report (``docs/benchmarks/dadda.md``) and one figure (``docs/figu
    defects. Chance level is 1 / number of types.
 2. **Federated** (first category): the data is split into ``--sites`` sites with disjoint defect
    types (``split_into_sites``). Each site trains a local-only DADDA with the whole budget
-   (``rounds x`` the per-round steps); the federation (``anomalib-diffusion-federated simulate``, real
-   processes on loopback) trains the same budget per site in ``--rounds`` FedAvg rounds. Every model
+   (``rounds x`` the per-round steps); the federation (``anomalib-diffusion-federated simulate``, Flower's
+   simulation engine) trains the same budget per site in ``--rounds`` FedAvg rounds. Every model
    is scored on the *full* test split restricted to the defect types that its site never saw
    (plus the normal test images): can a site detect defects it has no example of?
 
@@ -27,8 +27,6 @@ Smoke test (tiny data and models; prints only)::
 """
 
 import argparse
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,17 +34,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-import yaml
-from anomalib.data import MVTecAD
 from anomalib.engine import Engine
 from lightning import seed_everything
 
 from anomalib_diffusion.data import DEMO_CATEGORIES, MVTecADFewDefects, make_demo_dataset
-from anomalib_diffusion.federated.sites import Site, split_into_sites
 from anomalib_diffusion.models import DADDA
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import finish_figure, generated_line, machine_line, markdown_table, publish
+from dadda_federated import FEDERATED_COLUMNS, federated
 
 REPORT = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "dadda.md"
 FIGURE = Path(__file__).resolve().parents[1] / "docs" / "figures" / "dadda_defects.png"
@@ -122,62 +118,6 @@ def per_category(
         f"{metrics['image_AUROC']:.3f}",
         f"{metrics['pixel_AUROC']:.3f}",
     ]
-
-
-def unseen_test_set(root: Path, category: str, site: Site, destination: Path) -> Path:
-    """An MVTec AD-layout copy of the full test split with only the defect types ``site`` never saw."""
-    source = root / category
-    target = destination / category
-    shutil.copytree(source / "train", target / "train")
-    shutil.copytree(source / "test" / "good", target / "test" / "good")
-    for folder in sorted((source / "test").iterdir()):
-        if folder.name not in {"good", *site.defect_types}:
-            shutil.copytree(folder, target / "test" / folder.name)
-            shutil.copytree(source / "ground_truth" / folder.name, target / "ground_truth" / folder.name)
-    return destination
-
-
-def federated(root: Path, category: str, args: argparse.Namespace, settings: dict, work: Path) -> list[list[str]]:
-    """Local-only vs federated detectors on each site's unseen defect types."""
-    sites = split_into_sites(root, category, args.sites, work / "sites")
-    per_round = {key: max(1, int(settings[key]) // args.rounds) for key in ("generator_steps", "detector_steps")}
-    total = {key: value * args.rounds for key, value in per_round.items()}
-    batch = 4 if args.quick else 8
-    config = {
-        "federation": {"rounds": args.rounds, "seed": args.seed},
-        "site": {"defects_per_type": args.k, "batch_size": batch},
-        "model": {key: value for key, value in settings.items() if key != "visualizer"} | per_round,
-    }
-    config_path = work / "federated.yaml"
-    config_path.write_text(yaml.safe_dump(config))
-    command = [sys.executable, "-m", "anomalib_diffusion.federated", "simulate", "--root", str(root)]
-    command += ["--category", category, "--sites", str(args.sites), "--config", str(config_path)]
-    command += ["--work-dir", str(work / "federation")]
-    subprocess.run(command, check=True)
-    global_model = DADDA.load_from_checkpoint(work / "federation" / "global.ckpt")
-    rows = []
-    for site in sites:
-        seed_everything(args.seed, workers=True)
-        local = DADDA(**(settings | total))  # type: ignore[arg-type]
-        engine(work / f"{site.name}_local").fit(model=local, datamodule=few_defects(site.root, category, args.k, batch))
-        unseen = unseen_test_set(root, category, site, work / f"{site.name}_unseen")
-        unseen_types = sorted({path.name for path in (unseen / category / "test").iterdir()} - {"good"})
-        for name, model in (("local only", local), ("federated", global_model)):
-            data = MVTecAD(root=unseen, category=category, eval_batch_size=batch, num_workers=0, seed=0)
-            metrics = engine(work / f"{site.name}_{name}_test").test(model=model, datamodule=data, verbose=False)[0]
-            print(f"{site.name} {name}: {metrics}", flush=True)
-            rows.append(
-                [
-                    site.name,
-                    ", ".join(site.defect_types),
-                    ", ".join(unseen_types),
-                    name,
-                    f"{metrics['image_AUROC']:.3f}",
-                    f"{metrics['pixel_AUROC']:.3f}",
-                    f"{metrics['defect_type_accuracy']:.3f}" if "defect_type_accuracy" in metrics else "n/a",
-                ]
-            )
-    return rows
 
 
 @torch.no_grad()
@@ -262,24 +202,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"## Federated ({args.sites} sites with disjoint defect types, {args.rounds} rounds) vs local only, "
             f"category {categories[0]}",
             "",
-            markdown_table(
-                [
-                    "site",
-                    "its defect types",
-                    "scored on (never seen by the site)",
-                    "detector",
-                    "image AUROC",
-                    "pixel AUROC",
-                    "defect-type accuracy",
-                ],
-                federated_rows,
-            ),
+            markdown_table(FEDERATED_COLUMNS, federated_rows),
             "",
-            "Both detectors of a site get the same number of local optimiser steps; the federated one in rounds "
-            "(FedAvg of all sites' weights after each), with the server and the sites as separate processes on "
-            "this machine. Scores use the full test split's normal images and the defect types the site never held. "
-            "Defect-type accuracy is n/a for a local-only detector: it knows only its own site's type names, so it "
-            "cannot name a type it never held. "
+            "Measured as `benchmarks/dadda_federated.py` measures it (its page, docs/benchmarks/dadda_federated.md, "
+            "covers devbench textures too): both detectors of a site get the same number of local optimiser steps, "
+            "the federated one in FedAvg rounds on Flower's simulation engine; scores use the full test split's normal "
+            "images and the defect types the site never held; defect-type accuracy is n/a for a local-only detector, "
+            "which knows only its own site's type names. "
             "This script measures quality only (it may share the machine with other work).",
             "",
             f"- Data: offline demo set (`make_demo_dataset`, seed {args.data_seed}), MVTec AD layout, 256x256 "

@@ -44,6 +44,18 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import generated_line, machine_line, markdown_table, publish
 
 REPORT = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "dadda_federated.md"
+FEDERATED_COLUMNS = [
+    "category",
+    "site",
+    "its defect types",
+    "scored on (never held by the site)",
+    "detector",
+    "image AUROC",
+    "pixel AUROC",
+    "defect-type accuracy",
+    "chance",
+    "training minutes",
+]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -183,21 +195,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             "",
             generated_line("dadda_federated.py", argv, minutes),
             "",
-            markdown_table(
-                [
-                    "category",
-                    "site",
-                    "its defect types",
-                    "scored on (never held by the site)",
-                    "detector",
-                    "image AUROC",
-                    "pixel AUROC",
-                    "defect-type accuracy",
-                    "chance",
-                    "training minutes",
-                ],
-                rows,
-            ),
+            markdown_table(FEDERATED_COLUMNS, rows),
             "",
             f"Mean defect-type accuracy of the federated model on the types a site never held: "
             f"**{sum(accuracy) / len(accuracy):.3f}** over {len(accuracy)} sites x categories (chance "

@@ -39,7 +39,7 @@ Node config (each ``flower-supernode --node-config``; a site's own settings): ``
 import json
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from logging import INFO, WARNING
 from pathlib import Path
@@ -226,6 +226,7 @@ def payload_audit(message: Message, context: Context, call_next: Any) -> Message
         {name: dict(record) for name, record in content.metric_records.items()},
         list(content.config_records),
         model_from_config(message.content["config"]),
+        allowed_records=REPLY_RECORDS.get(message.metadata.message_type, set()),
     )
     return reply
 
@@ -233,26 +234,41 @@ def payload_audit(message: Message, context: Context, call_next: Any) -> Message
 client_app = ClientApp(mods=[payload_audit])
 
 
-@client_app.train()
-def train(message: Message, context: Context) -> Message:
-    """Train locally from the global weights for one round; reply with the new weights and the losses."""
+def _train_locally(
+    message: Message, context: Context, what: str, prepare: Callable[[DADDA, SiteSettings], MVTecADFewDefects]
+) -> tuple[DADDA, MVTecADFewDefects, dict[str, float | int]]:
+    """Load the global weights, let ``prepare`` set the model up and give the datamodule, fit; the metrics to send."""
     site = SiteSettings.from_context(context)
     config = message.content["config"]
-    server_round = int(config["server-round"])
-    seed = int(config.get("seed", 0))
-    seed_everything(seed + server_round, workers=True)
+    server_round = int(config.get("server-round", 0))
+    seed_everything(int(config.get("seed", 0)) + server_round, workers=True)
     model = _global_model(message)
-    model.fit_type_head_at_end = False  # the server fits the one head against the global detector
-    datamodule = site.datamodule(seed)
-    engine = site.engine(f"round_{server_round}")
-    log(INFO, "Site %s/%s: round %d, training locally.", site.data_root, site.category, server_round)
+    datamodule = prepare(model, site)
+    engine = site.engine(f"{what.replace(' ', '_')}_round_{server_round}")
+    log(INFO, "Site %s/%s: round %d, %s.", site.data_root, site.category, server_round, what)
     engine.fit(model=model, datamodule=datamodule)
-    metrics = {
+    metrics: dict[str, float | int] = {
         name: float(value)
         for name, value in engine.trainer.callback_metrics.items()
         if torch.as_tensor(value).numel() == 1
     }
     metrics["num-examples"] = len(datamodule.train_data)
+    return model, datamodule, metrics
+
+
+def _seed(message: Message) -> int:
+    return int(message.content["config"].get("seed", 0))
+
+
+@client_app.train()
+def train(message: Message, context: Context) -> Message:
+    """Train locally from the global weights for one round; reply with the new weights and the losses."""
+
+    def prepare(model: DADDA, site: SiteSettings) -> MVTecADFewDefects:
+        model.fit_type_head_at_end = False  # the server fits the one head against the global detector
+        return site.datamodule(_seed(message))
+
+    model, _, metrics = _train_locally(message, context, "training locally", prepare)
     return Message(
         RecordDict({"arrays": array_record(state_dict_arrays(model)), "metrics": MetricRecord(metrics)}),
         reply_to=message,
@@ -301,23 +317,15 @@ def role(message: Message, context: Context) -> Message:
 @client_app.train("generator")
 def train_generator(message: Message, context: Context) -> Message:
     """Dislocated set-up, a defect site: DAM + generator on its own real defects; only generator weights leave."""
-    site = SiteSettings.from_context(context)
-    config = message.content["config"]
-    server_round = int(config["server-round"])
-    seed = int(config.get("seed", 0))
-    seed_everything(seed + server_round, workers=True)
-    model = _global_model(message)
-    model.detector_steps, model.max_steps = 0, model.generator_steps  # this site trains no detector
-    model.fit_type_head_at_end = False
-    datamodule = site.datamodule(seed)
-    engine = site.engine(f"generator_round_{server_round}")
-    log(INFO, "Site %s/%s: round %d, training the generator locally.", site.data_root, site.category, server_round)
-    engine.fit(model=model, datamodule=datamodule)
+
+    def prepare(model: DADDA, site: SiteSettings) -> MVTecADFewDefects:
+        model.detector_steps, model.max_steps = 0, model.generator_steps  # this site trains no detector
+        model.fit_type_head_at_end = False
+        return site.datamodule(_seed(message))
+
+    model, _, metrics = _train_locally(message, context, "training the generator locally", prepare)
     generator = {name: array for name, array in state_dict_arrays(model).items() if name.startswith(GENERATOR_PREFIX)}
-    metrics = {"num-examples": len(datamodule.train_data)}
-    metrics |= {
-        name: float(value) for name, value in engine.trainer.callback_metrics.items() if name == "generator_loss"
-    }
+    metrics = {name: value for name, value in metrics.items() if name in {"num-examples", "generator_loss"}}
     return Message(
         RecordDict({"generator": array_record(generator), "metrics": MetricRecord(metrics)}), reply_to=message
     )
@@ -330,22 +338,14 @@ def train_detector(message: Message, context: Context) -> Message:
     The DAM gives masks (procedural seeds: this site holds no real defect); the detector trains on the
     generator's defects in them, and the defect-type head is fitted on generated defects only.
     """
-    site = SiteSettings.from_context(context)
-    config = message.content["config"]
-    seed = int(config.get("seed", 0))
-    seed_everything(seed, workers=True)
-    model = _global_model(message)
-    model.generator_steps, model.max_steps = 0, model.detector_steps  # the generator arrives trained
-    model.generated_fraction, model.type_head_source = 1.0, "generated"
-    # No defective image here: the thresholds come from synthetic anomalies on held-back normal images.
-    datamodule = site.datamodule(seed, defects_per_type=0, val_split_mode="synthetic")
-    engine = site.engine("detector")
-    log(INFO, "Site %s/%s: training the detector on generated defects.", site.data_root, site.category)
-    engine.fit(model=model, datamodule=datamodule)
-    metrics = {"num-examples": len(datamodule.train_data)}
-    metrics |= {
-        name: float(value) for name, value in engine.trainer.callback_metrics.items() if name == "detector_loss"
-    }
+
+    def prepare(model: DADDA, site: SiteSettings) -> MVTecADFewDefects:
+        model.generator_steps, model.max_steps = 0, model.detector_steps  # the generator arrives trained
+        model.generated_fraction, model.type_head_source = 1.0, "generated"
+        # No defective image here: the thresholds come from synthetic anomalies on held-back normal images.
+        return site.datamodule(_seed(message), defects_per_type=0, val_split_mode="synthetic")
+
+    model, _, metrics = _train_locally(message, context, "training the detector on generated defects", prepare)
     return Message(
         RecordDict({"arrays": array_record(state_dict_arrays(model)), "metrics": MetricRecord(metrics)}),
         reply_to=message,
