@@ -165,6 +165,19 @@ class TestWhatLeavesASite:
         with pytest.raises(RuntimeError, match=r"Refusing to send 'arrays'.*\('image', \(3, 64, 64\)\)"):
             leaking(train_message, context)
 
+    def test_an_evaluation_reply_carries_no_arrays(self, train_message: Message) -> None:
+        """Scoring replies send metrics only: the weights the server sent may not go back with them."""
+        evaluate_message = Message(content=train_message.content, message_type=MessageType.EVALUATE, dst_node_id=1)
+        chatty = ClientApp(mods=[payload_audit])
+
+        @chatty.evaluate()
+        def evaluate(message: Message, _context: Context) -> Message:
+            return Message(RecordDict({"arrays": message.content["arrays"]}), reply_to=message)
+
+        context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+        with pytest.raises(RuntimeError, match=r"record 'arrays': only \[\] may leave a site here"):
+            chatty(evaluate_message, context)
+
     def test_a_reply_of_weights_passes(self, train_message: Message) -> None:
         honest = ClientApp(mods=[payload_audit])
 

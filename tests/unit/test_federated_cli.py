@@ -42,6 +42,13 @@ class TestCommands:
         assert (tmp_path / "certs" / "line4.pub").is_file()
         assert "ca.crt (to every site)" in capsys.readouterr().out
 
+    def test_bad_input_is_one_line_naming_the_fix(self, tmp_path: Path) -> None:
+        (tmp_path / "certs").mkdir()
+        with pytest.raises(SystemExit, match=r"credentials: .*already exists; choose a new folder"):
+            main(["credentials", "--output", str(tmp_path / "certs"), "--sites", "line4"])
+        with pytest.raises(SystemExit, match=r"simulate: .*train/good does not exist"):
+            main(["simulate", "--root", str(tmp_path), "--category", "brick", "--work-dir", str(tmp_path / "w")])
+
 
 class TestSiteSettings:
     def test_the_node_config_names_the_data_and_overrides_the_run_config(self, tmp_path: Path) -> None:

@@ -165,6 +165,13 @@ def require_flower() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    try:
+        return run_command(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:  # bad input: the message names the fix
+        raise SystemExit(f"anomalib-diffusion-federated {args.command}: {error}") from error
+
+
+def run_command(args: argparse.Namespace) -> int:
     if args.command == "app-path":
         print(APP_PATH)
         return 0
