@@ -1,12 +1,14 @@
 """The federated command line's small commands and a site's settings (node config over run config)."""
 
+import json
 import tomllib
 from pathlib import Path
 
 import pytest
-from flwr.app import Context, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
 
-from anomalib_diffusion.federated.apps import FederationSettings, SiteSettings
+from anomalib_diffusion.federated.apps import FederationSettings, SiteSettings, require_type_names
 from anomalib_diffusion.federated.cli import APP_PATH, main
 
 
@@ -80,6 +82,29 @@ class TestSiteSettings:
             ValueError, match=r"role='trainer' in --node-config must be one of \['defects', 'detector'\]"
         ):
             SiteSettings.from_context(context({"data-root": str(root), "category": "brick", "role": "trainer"}))
+
+
+class TestTypeNames:
+    def test_a_site_with_real_defects_refuses_a_run_that_names_no_types(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        for identity in ("_run_id", "_node_id", "_task_id"):
+            monkeypatch.setattr(TaskIdentity, identity, 1)
+        root = site_folder(tmp_path / "line4")
+        (root / "brick" / "test" / "crack").mkdir(parents=True)
+        site = SiteSettings.from_context(context({"data-root": str(root), "category": "brick"}))
+
+        def message(types: list[str]) -> Message:
+            config = ConfigRecord({"defect-types": json.dumps(types), "model": "{}", "seed": 0})
+            return Message(RecordDict({"config": config}), message_type=MessageType.TRAIN, dst_node_id=1)
+
+        with pytest.raises(ValueError, match=r"holds defect types \['crack'\], but the run names none"):
+            require_type_names(message([]), site)
+        require_type_names(message(["crack", "hole"]), site)
+        require_type_names(
+            message([]),
+            SiteSettings.from_context(context({"data-root": str(root), "category": "brick", "defects-per-type": 0})),
+        )
 
 
 class TestFederationSettings:

@@ -65,6 +65,7 @@ from anomalib_diffusion.data import MVTecADFewDefects
 from anomalib_diffusion.models import DADDA
 from anomalib_diffusion.models.dadda import DefectTypeStatistics
 
+from .sites import defect_types_in
 from .weights import (
     GENERATOR_PREFIX,
     STATISTICS_KEYS,
@@ -239,6 +240,7 @@ def _train_locally(
 ) -> tuple[DADDA, MVTecADFewDefects, dict[str, float | int]]:
     """Load the global weights, let ``prepare`` set the model up and give the datamodule, fit; the metrics to send."""
     site = SiteSettings.from_context(context)
+    require_type_names(message, site)
     config = message.content["config"]
     server_round = int(config.get("server-round", 0))
     seed_everything(int(config.get("seed", 0)) + server_round, workers=True)
@@ -254,6 +256,18 @@ def _train_locally(
     }
     metrics["num-examples"] = len(datamodule.train_data)
     return model, datamodule, metrics
+
+
+def require_type_names(message: Message, site: SiteSettings) -> None:
+    """A site that lends real defects needs the federation's type names, or its type indices would be its own."""
+    names = json.loads(str(message.content["config"].get("defect-types", "[]")))
+    held = defect_types_in(site.data_root / site.category) if site.defects_per_type > 0 else []
+    if held and not names:
+        msg = (
+            f"This site holds defect types {held}, but the run names none: submit the run with --defect-types "
+            "listing every site's types (run config defect-types), so that all sites index them alike."
+        )
+        raise ValueError(msg)
 
 
 def _seed(message: Message) -> int:
