@@ -23,6 +23,8 @@ import openvino as ov
 import torch
 from anomalib.data import MVTecAD
 from anomalib.data.utils import ValSplitMode
+from anomalib.engine import Engine
+from lightning import Callback
 from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
@@ -47,6 +49,18 @@ class OpenVINOQuality:
     constant_maps: bool
     scores: list[float] = field(default_factory=list)  # per test image, in the split's order
     labels: list[int] = field(default_factory=list)
+
+
+def engine(root: Path, callbacks: list[Callback] | None = None) -> Engine:
+    """The benchmarks' anomalib ``Engine``: CPU, one device, no logger and no progress bar (logs stay readable)."""
+    return Engine(
+        default_root_dir=root,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        callbacks=callbacks,
+    )
 
 
 def calibration_datamodule(root: Path, category: str, seed: int) -> MVTecAD:

@@ -34,15 +34,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from anomalib.engine import Engine
 from lightning import seed_everything
 
 from anomalib_diffusion.data import DEMO_CATEGORIES, MVTecADFewDefects, make_demo_dataset
 from anomalib_diffusion.models import DADDA
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import finish_figure, generated_line, machine_line, markdown_table, publish
-from dadda_federated import FEDERATED_COLUMNS, federated
+from common import engine, finish_figure, generated_line, machine_line, markdown_table, publish
+from dadda_federated import FEDERATED_COLUMNS, dadda_settings, federated, few_defects
 
 REPORT = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "dadda.md"
 FIGURE = Path(__file__).resolve().parents[1] / "docs" / "figures" / "dadda_defects.png"
@@ -62,31 +61,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--figure", default=None, help=f"figure path ('-': none; default {FIGURE})")
     parser.add_argument("--quick", action="store_true", help="tiny data and models, a few steps; prints only")
     return parser.parse_args(argv)
-
-
-def dadda_settings(args: argparse.Namespace) -> dict[str, object]:
-    steps = args.steps or (2 if args.quick else 300)
-    settings: dict[str, object] = {"generator_steps": steps, "detector_steps": steps, "visualizer": False}
-    if args.quick:
-        settings |= {"image_size": 64, "patch_size": 32, "block_out_channels": [8, 16], "generation_steps": 3}
-        settings |= {"detector_width": 8, "type_samples_per_type": 4, "procedural_seeds": 8}
-    return settings
-
-
-def engine(work: Path) -> Engine:
-    return Engine(default_root_dir=work, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
-
-
-def few_defects(root: Path, category: str, k: int, batch: int) -> MVTecADFewDefects:
-    return MVTecADFewDefects(
-        root=root,
-        category=category,
-        defects_per_type=k,
-        train_batch_size=batch,
-        eval_batch_size=batch,
-        num_workers=0,
-        seed=0,
-    )
 
 
 def per_category(
@@ -156,7 +130,7 @@ def draw_defects(model: DADDA, data: MVTecADFewDefects, path: Path) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     categories = args.categories[:1] if args.quick else args.categories
-    settings = dadda_settings(args)
+    settings = dadda_settings(args, default_steps=300)
     with tempfile.TemporaryDirectory() as scratch:
         work = args.work_dir or Path(scratch)
         data_root = work / f"demo_seed{args.data_seed}"

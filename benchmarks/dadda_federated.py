@@ -32,7 +32,6 @@ from pathlib import Path
 
 import yaml
 from anomalib.data import MVTecAD
-from anomalib.engine import Engine
 from lightning import seed_everything
 
 from anomalib_diffusion.data import DEMO_CATEGORIES, MVTecADFewDefects, make_demo_dataset
@@ -41,7 +40,7 @@ from anomalib_diffusion.federated.sites import Site, split_into_sites
 from anomalib_diffusion.models import DADDA
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import generated_line, machine_line, markdown_table, publish
+from common import engine, generated_line, machine_line, markdown_table, publish
 
 REPORT = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "dadda_federated.md"
 FEDERATED_COLUMNS = [
@@ -73,8 +72,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def dadda_settings(args: argparse.Namespace) -> dict[str, object]:
-    steps = args.steps or (2 if args.quick else 60)
+def dadda_settings(args: argparse.Namespace, default_steps: int = 60) -> dict[str, object]:
+    """DADDA's benchmark settings: ``--steps`` per phase (``default_steps``), tiny networks with ``--quick``."""
+    steps = args.steps or (2 if args.quick else default_steps)
     settings: dict[str, object] = {"generator_steps": steps, "detector_steps": steps, "visualizer": False}
     if args.quick:
         settings |= {"image_size": 64, "patch_size": 32, "block_out_channels": [8, 16], "generation_steps": 3}
@@ -82,14 +82,16 @@ def dadda_settings(args: argparse.Namespace) -> dict[str, object]:
     return settings
 
 
-def engine(work: Path) -> Engine:
-    return Engine(
-        default_root_dir=work,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+def few_defects(root: Path, category: str, k: int, batch: int) -> MVTecADFewDefects:
+    """``k`` real defects per type lent to training, the rest to test (seed 0)."""
+    return MVTecADFewDefects(
+        root=root,
+        category=category,
+        defects_per_type=k,
+        train_batch_size=batch,
+        eval_batch_size=batch,
+        num_workers=0,
+        seed=0,
     )
 
 
@@ -130,15 +132,7 @@ def federated(root: Path, category: str, args: argparse.Namespace, settings: dic
     for site in sites:
         seed_everything(args.seed, workers=True)
         local = DADDA(**(settings | total))  # type: ignore[arg-type]
-        data = MVTecADFewDefects(
-            root=site.root,
-            category=category,
-            defects_per_type=args.k,
-            train_batch_size=batch,
-            eval_batch_size=batch,
-            num_workers=0,
-            seed=0,
-        )
+        data = few_defects(site.root, category, args.k, batch)
         started = time.perf_counter()
         engine(work / f"{site.name}_local").fit(model=local, datamodule=data)
         local_minutes = (time.perf_counter() - started) / 60

@@ -68,6 +68,7 @@ from common import (
     OPENVINO_CONFIG,
     calibration_datamodule,
     command_line,
+    engine,
     file_size_mb,
     machine_line,
     markdown_table,
@@ -240,17 +241,6 @@ def datamodule(root: Path, category: str, seed: int, batch: int) -> MVTecAD:
         val_split_mode=ValSplitMode.SYNTHETIC,
         val_split_ratio=0.2,
         seed=seed,
-    )
-
-
-def engine(root: Path, callbacks: list[Callback] | None = None) -> Engine:
-    return Engine(
-        default_root_dir=root,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        callbacks=callbacks,
     )
 
 

@@ -171,20 +171,16 @@ def two_type_defects(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor,
     return images.clamp(0, 1), masks, ["blob"] * count + ["scratch"] * count
 
 
+def tiny_head_dadda(**settings: object) -> DADDA:
+    """A tiny DADDA (64 px, 2 generation steps, detector width 8) seeded with 0, for the type-head tests."""
+    torch.manual_seed(0)
+    base = {"image_size": 64, "patch_size": 32, "block_out_channels": (8, 16), "generation_steps": 2}
+    return DADDA(**(base | {"detector_width": 8, "visualizer": False} | settings))
+
+
 def dadda_with_bank(type_head_source: str, defect_types: list[str] | None = None) -> DADDA:
     """A tiny DADDA whose DAM holds "blob" and "scratch" regions (what ``on_fit_start`` builds from lent defects)."""
-    torch.manual_seed(0)
-    model = DADDA(
-        image_size=64,
-        patch_size=32,
-        block_out_channels=(8, 16),
-        generation_steps=2,
-        detector_width=8,
-        type_samples_per_type=16,
-        type_head_source=type_head_source,
-        defect_types=defect_types,
-        visualizer=False,
-    )
+    model = tiny_head_dadda(type_samples_per_type=16, type_head_source=type_head_source, defect_types=defect_types)
     images, masks, names = two_type_defects(4, seed=0)
     bank = DefectBank.from_images(images, masks, names)
     model._set_type_names(bank)
@@ -193,15 +189,20 @@ def dadda_with_bank(type_head_source: str, defect_types: list[str] | None = None
     return model
 
 
+def two_type_accuracy(model: DADDA) -> float:
+    """The fitted head's accuracy on 20 held-out blobs and scratches, read inside their true masks."""
+    images, masks, names = two_type_defects(10, seed=1)
+    predicted = model.eval().model.classify_defects(images, masks)
+    truth = torch.tensor([model.type_names.index(name) for name in names])
+    return float((predicted == truth).float().mean())
+
+
 class TestDefectTypeHead:
     def test_the_head_beats_chance_on_held_out_pasted_defects(self) -> None:
         """Fitted on DAM pastes of the lent defects; scored on other defects of the same two types."""
         model = dadda_with_bank("dam")
         model.fit_defect_type_head()
-        images, masks, names = two_type_defects(10, seed=1)
-        predicted = model.eval().model.classify_defects(images, masks)
-        truth = torch.tensor([model.type_names.index(name) for name in names])
-        accuracy = float((predicted == truth).float().mean())
+        accuracy = two_type_accuracy(model)
         assert accuracy >= 0.9, f"accuracy {accuracy:.2f} on two types (chance 0.5)"
 
     def test_an_image_where_the_model_marks_no_region_counts_as_a_wrong_type(self) -> None:
@@ -312,10 +313,7 @@ class TestPooledTypeHead:
         server = site_with_one_type("blob")
         server.model.detector.load_state_dict(blob_site.model.detector.state_dict())
         server.set_type_head_from_statistics(blob_statistics + scratch_statistics)
-        images, masks, names = two_type_defects(10, seed=1)
-        predicted = server.eval().model.classify_defects(images, masks)
-        truth = torch.tensor([server.type_names.index(name) for name in names])
-        accuracy = float((predicted == truth).float().mean())
+        accuracy = two_type_accuracy(server)
         assert accuracy >= 0.9, f"accuracy {accuracy:.2f} on two types (chance 0.5)"
 
     def test_one_sites_statistics_leave_the_head_empty(self) -> None:
@@ -342,18 +340,7 @@ class TestMasksOnly:
     """A site with normal images and no real defects, given the type names: the generator draws every type."""
 
     def model(self) -> DADDA:
-        torch.manual_seed(0)
-        model = DADDA(
-            image_size=64,
-            patch_size=32,
-            block_out_channels=(8, 16),
-            generation_steps=2,
-            detector_width=8,
-            type_samples_per_type=4,
-            procedural_seeds=4,
-            defect_types=["blob", "crack", "scratch"],
-            visualizer=False,
-        )
+        model = tiny_head_dadda(type_samples_per_type=4, procedural_seeds=4, defect_types=["blob", "crack", "scratch"])
         normals = (0.5 + 0.05 * torch.randn(8, 3, 64, 64)).clamp(0, 1)
         model._build_defect_bank(normals, None)
         return model

@@ -113,6 +113,14 @@ def record_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {name: array.numpy() for name, array in record.items()}
 
 
+def _reply_shapes(reply: Message) -> dict[str, dict[str, tuple[int, ...]]]:
+    """Per array record of a reply, its arrays' shapes (a scalar as ``(1,)``, as :func:`weights.shape_of`)."""
+    return {
+        name: {key: tuple(array.shape) or (1,) for key, array in record.items()}
+        for name, record in reply.content.array_records.items()
+    }
+
+
 # -- the site ---------------------------------------------------------------------------------
 
 
@@ -180,9 +188,13 @@ class SiteSettings:
         }
         return MVTecADFewDefects(**(settings | overrides))
 
-    def engine(self, name: str) -> Engine:
+    def use_threads(self) -> None:
+        """Give torch this site's CPU threads (node config ``threads``), if set."""
         if self.threads:
             torch.set_num_threads(self.threads)
+
+    def engine(self, name: str) -> Engine:
+        self.use_threads()
         return Engine(
             default_root_dir=self.work_dir / name,
             accelerator="cpu",
@@ -220,10 +232,7 @@ def payload_audit(message: Message, context: Context, call_next: Any) -> Message
         return reply
     content = reply.content
     audit_reply(
-        {
-            name: {key: tuple(array.shape) for key, array in record.items()}
-            for name, record in content.array_records.items()
-        },
+        _reply_shapes(reply),
         {name: dict(record) for name, record in content.metric_records.items()},
         list(content.config_records),
         model_from_config(message.content["config"]),
@@ -310,8 +319,7 @@ def type_statistics(message: Message, context: Context) -> Message:
     seed = int(message.content["config"].get("seed", 0))
     seed_everything(seed, workers=True)
     model = _global_model(message)
-    if site.threads:
-        torch.set_num_threads(site.threads)
+    site.use_threads()
     datamodule = site.datamodule(seed)
     model.prepare_defect_bank(datamodule)
     statistics = model.defect_type_statistics()
@@ -516,11 +524,11 @@ def collect_type_statistics(
         if reply.has_error():
             log(WARNING, "A site did not send defect-type statistics: %s", reply.error.reason)
             continue
-        statistics = reply.content["statistics"]
-        shapes = {key: tuple(array.shape) for key, array in statistics.items()}
-        if shapes != expected:
+        shapes = _reply_shapes(reply)
+        if shapes != {"statistics": expected}:
             log(WARNING, "Ignoring defect-type statistics of unexpected shapes %s.", shapes)
             continue
+        statistics = reply.content["statistics"]
         pooled = pooled + DefectTypeStatistics.from_arrays([statistics[key].numpy() for key in STATISTICS_KEYS])
         answered += 1
     return pooled, answered
@@ -601,14 +609,6 @@ def run_together(grid: Grid, settings: FederationSettings, model: DADDA) -> dict
         "train_metrics": _metrics(result.train_metrics_clientapp),
         "evaluate_metrics": _metrics(result.evaluate_metrics_clientapp),
         "final_evaluate_metrics": evaluate_everywhere(grid, model, settings),
-    }
-
-
-def _reply_shapes(reply: Message) -> dict[str, dict[str, tuple[int, ...]]]:
-    """Per array record of a reply, its arrays' shapes (a scalar as ``(1,)``, as :func:`weights.shape_of`)."""
-    return {
-        name: {key: tuple(array.shape) or (1,) for key, array in record.items()}
-        for name, record in reply.content.array_records.items()
     }
 
 
