@@ -82,8 +82,28 @@ def dadda_settings(args: argparse.Namespace, default_steps: int = 60) -> dict[st
     return settings
 
 
+def check_categories(categories: Sequence[str], textures: Path | None) -> None:
+    """Exit naming every category that is neither a demo category nor a photograph in ``textures``."""
+    available = list(texture_categories(textures)) if textures else []
+    if unknown := [name for name in categories if name not in available and name not in DEMO_CATEGORIES]:
+        raise SystemExit(f"{' '.join(unknown)}: neither a demo category nor a texture in {textures}.")
+
+
+def build_categories(root: Path, categories: Sequence[str], textures: Path | None, quick: bool) -> Path:
+    """The demo's planted defects on demo categories and on texture photographs, in one MVTec AD-layout root."""
+    available = list(texture_categories(textures)) if textures else []
+    sizes = {"n_train": 8, "n_test_good": 4, "n_test_per_defect": 4, "image_size": 64} if quick else {}
+    for names, folder in (
+        ([c for c in categories if c not in available], None),
+        ([c for c in categories if c in available], textures),
+    ):
+        if names:
+            make_demo_dataset(root, categories=names, seed=0, progress=False, textures=folder, **sizes)
+    return root
+
+
 def few_defects(root: Path, category: str, k: int, batch: int) -> MVTecADFewDefects:
-    """``k`` real defects per type lent to training, the rest to test (seed 0)."""
+    """``k`` real defects per type lent to training, the rest to test (seed 0); thresholds from synthetic anomalies."""
     return MVTecADFewDefects(
         root=root,
         category=category,
@@ -91,6 +111,7 @@ def few_defects(root: Path, category: str, k: int, batch: int) -> MVTecADFewDefe
         train_batch_size=batch,
         eval_batch_size=batch,
         num_workers=0,
+        val_split_mode="synthetic",  # thresholds from synthetic anomalies on normal training images, not test labels
         seed=0,
     )
 
@@ -163,21 +184,12 @@ def federated(root: Path, category: str, args: argparse.Namespace, settings: dic
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     categories = args.categories[:1] if args.quick else args.categories
-    textures = list(texture_categories(args.textures)) if args.textures else []
-    if unknown := [name for name in categories if name not in textures and name not in DEMO_CATEGORIES]:
-        raise SystemExit(f"{' '.join(unknown)}: neither a demo category nor a texture in {args.textures}.")
+    check_categories(categories, args.textures)
     settings = dadda_settings(args)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
         work = args.work_dir or Path(scratch)
-        sizes = {"n_train": 8, "n_test_good": 4, "n_test_per_defect": 4, "image_size": 64} if args.quick else {}
-        root = work / "data"
-        for names, folder in (
-            ([c for c in categories if c not in textures], None),
-            ([c for c in categories if c in textures], args.textures),
-        ):
-            if names:
-                make_demo_dataset(root, categories=names, seed=0, progress=False, textures=folder, **sizes)
+        root = build_categories(work / "data", categories, args.textures, args.quick)
         rows = [row for category in categories for row in federated(root, category, args, settings, work / category)]
         minutes = (time.perf_counter() - start) / 60
     federated_rows = [row for row in rows if row[4] == "federated"]

@@ -54,6 +54,25 @@ class TestDefectGenerator:
         torch.testing.assert_close(output[outside], background[outside], atol=1e-6, rtol=0)
         assert output.min() >= 0 and output.max() <= 1
 
+    def test_a_low_strength_redraws_from_the_given_defect_and_keeps_its_look(self) -> None:
+        generator = tiny_generator(steps=10).eval()
+        background, init = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)
+        masks = torch.zeros(2, 1, 32, 32)
+        masks[:, :, 8:24, 8:24] = 1
+        seed = torch.Generator().manual_seed(0)
+        low = generator.generate(background, masks, torch.tensor([0, 1]), seed, init=init, strength=0.05)
+        inside = masks.expand_as(low) == 1
+        assert (low[inside] - init[inside]).abs().mean() < 0.05, "one DDIM step from barely noised init"
+        outside = ~inside
+        torch.testing.assert_close(low[outside], background[outside], atol=1e-6, rtol=0)
+        seed = torch.Generator().manual_seed(0)
+        full = generator.generate(background, masks, torch.tensor([0, 1]), seed, init=init, strength=1.0)
+        seed = torch.Generator().manual_seed(0)
+        torch.testing.assert_close(full, generator.generate(background, masks, torch.tensor([0, 1]), seed))
+        assert (full[inside] - init[inside]).abs().mean() > 0.1, "strength 1 ignores init"
+        with pytest.raises(ValueError, match=r"strength=0.0 must be in \(0, 1\]"):
+            generator.generate(background, masks, torch.tensor([0, 1]), init=init, strength=0.0)
+
     def test_generation_is_repeatable_with_a_seeded_generator(self) -> None:
         generator = tiny_generator().eval()
         background, masks = torch.rand(1, 3, 32, 32), torch.ones(1, 1, 32, 32)
@@ -137,6 +156,9 @@ class TestDADDAConfig:
             ({"defect_types": ["hole", "hole"]}, "lists a type twice"),
             ({"defect_types": ["a", "b", "c"], "max_defect_types": 2}, "more than max_defect_types=2"),
             ({"image_size": 32, "patch_size": 64}, "smaller than patch_size"),
+            ({"generated_pool": -1}, "generated_pool=-1 must be 0 or more"),
+            ({"generation_strength": 0.0}, r"generation_strength=0.0 must be in \(0, 1\]"),
+            ({"detector_crop": 32}, "detector_crop=32 must be at least patch_size=64"),
         ],
     )
     def test_bad_settings_are_named(self, settings: dict, named: str) -> None:
@@ -356,9 +378,11 @@ class TestMasksOnly:
         requested: list[torch.Tensor] = []
         generate = model.model.generator.generate
 
-        def recording_generate(images: torch.Tensor, masks: torch.Tensor, types: torch.Tensor) -> torch.Tensor:
+        def recording_generate(
+            images: torch.Tensor, masks: torch.Tensor, types: torch.Tensor, **settings: object
+        ) -> torch.Tensor:
             requested.append(types.cpu())
-            return generate(images, masks, types)
+            return generate(images, masks, types, **settings)
 
         model.model.generator.generate = recording_generate  # type: ignore[method-assign]
         model.generated_fraction, model.defect_probability = 1.0, 1.0
@@ -373,6 +397,104 @@ class TestMasksOnly:
         model.fit_defect_type_head()
         assert model.model.type_weight[:3].abs().sum(dim=1).gt(0).all()
         assert torch.isfinite(model.model.type_bias[:3]).all()
+
+
+class TestGeneratedPool:
+    """The generator's defects are made once when the detector phase starts; the detector draws from them."""
+
+    def recording(self, model: DADDA) -> list[torch.Tensor]:
+        requested: list[torch.Tensor] = []
+        generate = model.model.generator.generate
+
+        def recording_generate(
+            images: torch.Tensor, masks: torch.Tensor, types: torch.Tensor, **settings: object
+        ) -> torch.Tensor:
+            requested.append(types.cpu())
+            return generate(images, masks, types, **settings)
+
+        model.model.generator.generate = recording_generate  # type: ignore[method-assign]
+        return requested
+
+    def test_the_pool_holds_generated_defects_of_every_held_type_and_the_detector_draws_from_it(self) -> None:
+        model = dadda_with_bank("both")
+        model.generated_pool = 5
+        requested = self.recording(model)
+        model.build_generated_pool()
+        assert torch.cat(requested).tolist() == [0] * 5 + [1] * 5, "five of each held type, in its own masks"
+        bank = model.generated_dam.bank
+        assert bank.type_names == ["blob", "scratch"]
+        assert set(bank.counts()) == {"blob", "scratch"}
+        assert all(count >= 1 for count in bank.counts().values())
+        requested.clear()
+        model.generated_fraction, model.defect_probability = 1.0, 1.0
+        images, masks = model.defective_batch(model._normal_images[:6], 1.0, 1.0, torch.tensor([0, 0, 0, 1, 1, 1]))
+        assert not requested, "no DDIM sampling inside a detector step once the pool exists"
+        assert masks.flatten(1).any(dim=1).all()
+        changed = (images - model._normal_images[:6]).abs().sum(dim=1, keepdim=True) > 0
+        assert (changed & (masks == 0)).sum() == 0, "nothing is drawn outside the labelled mask"
+
+    def test_strength_starts_from_the_paste_only_for_held_types(self) -> None:
+        model = dadda_with_bank("both", defect_types=["blob", "crack", "scratch"])
+        model.generation_strength = 0.5
+        calls: list[tuple[list[int], bool, float]] = []
+        generate = model.model.generator.generate
+
+        def recording_generate(images, masks, types, generator=None, init=None, strength=1.0):
+            calls.append((types.tolist(), init is not None and strength < 1, strength))
+            return generate(images, masks, types, generator, init, strength)
+
+        model.model.generator.generate = recording_generate  # type: ignore[method-assign]
+        model.defective_batch(model._normal_images[:4], 1.0, 1.0, torch.tensor([0, 2, 1, 0]))
+        assert calls == [([0, 2, 0], True, 0.5), ([1], False, 1.0)], "crack is held by no region: pure noise"
+
+    def test_a_pool_of_zero_samples_inside_every_step_as_before(self) -> None:
+        model = dadda_with_bank("both")
+        model.generated_pool = 0
+        model.build_generated_pool()
+        assert model.generated_dam is None
+        requested = self.recording(model)
+        model.defective_batch(model._normal_images[:4], 1.0, 1.0, torch.tensor([0, 1, 0, 1]))
+        assert torch.cat(requested).tolist() == [0, 1, 0, 1]
+
+    def test_masks_only_pools_every_named_type(self) -> None:
+        model = tiny_head_dadda(procedural_seeds=4, defect_types=["blob", "crack", "scratch"], generated_pool=2)
+        model._build_defect_bank((0.5 + 0.05 * torch.randn(8, 3, 64, 64)).clamp(0, 1), None)
+        model.build_generated_pool()
+        assert set(model.generated_dam.bank.counts()) == {"blob", "crack", "scratch"}
+        assert min(model.generated_dam.bank.counts().values()) >= 1
+
+    def test_a_new_fit_rebuilds_the_pool_from_its_own_generator(self) -> None:
+        model = dadda_with_bank("both")
+        model.generated_pool = 2
+        model.build_generated_pool()
+        assert model.generated_dam is not None
+        model._build_defect_bank(model._normal_images, two_type_defects(2, seed=3))
+        assert model.generated_dam is None
+
+
+class TestDetectorCrop:
+    def test_the_detector_trains_on_crops_and_scores_whole_images(self) -> None:
+        model = dadda_with_bank("both")
+        model.detector_crop = 32
+        seen: list[tuple[int, ...]] = []
+        forward = model.model.detector.forward
+
+        def recording_forward(images: torch.Tensor) -> torch.Tensor:
+            seen.append(tuple(images.shape))
+            return forward(images)
+
+        model.model.detector.forward = recording_forward  # type: ignore[method-assign]
+        model.model.train()
+        loss = model._detector_loss(model._normal_images[:4])
+        assert torch.isfinite(loss)
+        model.model.eval()
+        output = model.model(model._normal_images[:2])
+        assert seen == [(4, 3, 32, 32), (2, 3, 64, 64)]
+        assert output.anomaly_map.shape == (2, 1, 64, 64)
+        model.detector_crop = 128
+        model.model.train()
+        model._detector_loss(model._normal_images[:4])
+        assert seen[-1] == (4, 3, 64, 64), "a crop as large as the image is the whole image"
 
 
 class TestFewDefectsDatamodule:

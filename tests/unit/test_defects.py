@@ -50,6 +50,14 @@ class TestDefectBank:
             colour = 0 if bank.type_names[cutout.defect_type] == "scratch" else 1
             assert torch.equal(cutout.patch[colour], torch.ones_like(cutout.patch[colour]))
 
+    def test_given_type_names_fix_the_indices(self) -> None:
+        images, masks = defective_pair()
+        bank = DefectBank.from_images(images, masks, ["scratch", "hole"], type_names=["scratch", "crack", "hole"])
+        assert bank.type_names == ["scratch", "crack", "hole"]
+        assert bank.counts() == {"scratch": 2, "crack": 0, "hole": 1}
+        with pytest.raises(ValueError, match=r"Defect types \['hole'\] are not in type_names=\['scratch'\]"):
+            DefectBank.from_images(images, masks, ["scratch", "hole"], type_names=["scratch"])
+
     def test_specks_below_min_area_are_skipped(self) -> None:
         images, masks = defective_pair()
         bank = DefectBank.from_images(images, masks, ["scratch", "hole"], min_area=50)

@@ -105,6 +105,7 @@ class DefectBank:
         masks: torch.Tensor,
         defect_types: Sequence[str],
         min_area: int = 16,
+        type_names: Sequence[str] | None = None,
     ) -> "DefectBank":
         """Cut every connected mask region (at least ``min_area`` pixels) out of real defective images.
 
@@ -113,6 +114,8 @@ class DefectBank:
             masks: ``(N, 1, H, W)`` or ``(N, H, W)`` defect masks (non-zero = defect), same size as the images.
             defect_types: ``N`` defect type names, one per image.
             min_area: Smaller regions (annotation specks) are skipped.
+            type_names: The bank's type names in index order (default: the given types, sorted); must
+                contain every name in ``defect_types``.
         """
         masks = masks[:, None] if masks.ndim == 3 else masks  # noqa: PLR2004
         if images.ndim != 4 or images.shape[1] != 3:  # noqa: PLR2004
@@ -127,7 +130,11 @@ class DefectBank:
         if len(defect_types) != images.shape[0]:
             msg = f"Got {len(defect_types)} defect types for {images.shape[0]} defective images; give one per image."
             raise ValueError(msg)
-        type_names = sorted(set(defect_types))
+        missing = sorted(set(defect_types) - set(type_names or defect_types))
+        if missing:
+            msg = f"Defect types {missing} are not in type_names={list(type_names or [])}."
+            raise ValueError(msg)
+        type_names = list(type_names) if type_names is not None else sorted(set(defect_types))
         cutouts = []
         for image, mask, name in zip(images, masks, defect_types, strict=True):
             cutouts += _cut_regions(image, mask, type_names.index(name), min_area)

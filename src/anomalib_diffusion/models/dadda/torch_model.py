@@ -94,11 +94,29 @@ class DefectGenerator(nn.Module):
         masks: torch.Tensor,
         defect_types: torch.Tensor,
         generator: torch.Generator | None = None,
+        init: torch.Tensor | None = None,
+        strength: float = 1.0,
     ) -> torch.Tensor:
-        """New defects of ``defect_types`` inside ``masks`` on ``background`` crops (``[0, 1]``; outside kept)."""
+        """New defects of ``defect_types`` inside ``masks`` on ``background`` crops (``[0, 1]``; outside kept).
+
+        With ``init`` (crops holding a defect already, e.g. a DAM paste) and ``strength < 1``, sampling starts
+        from ``init`` noised to the ``strength`` share of the noise schedule and runs the DDIM steps below it
+        (SDEdit): the defect is redrawn, keeping the coarse look of the one in ``init``. ``strength`` 1 (or no
+        ``init``) samples from pure noise.
+        """
+        if not 0 < strength <= 1:
+            msg = f"strength={strength} must be in (0, 1]."
+            raise ValueError(msg)
         condition = background * 2 - 1
-        sample = torch.randn(background.shape, generator=generator, dtype=background.dtype).to(background.device)
-        for timestep in self.scheduler.timesteps:
+        noise = torch.randn(background.shape, generator=generator, dtype=background.dtype).to(background.device)
+        timesteps = self.scheduler.timesteps
+        if init is None or strength >= 1:
+            sample = noise
+        else:
+            timesteps = timesteps[timesteps < strength * NUM_TRAIN_TIMESTEPS]
+            start = timesteps[:1].expand(background.shape[0]).to(background.device)
+            sample = self.train_scheduler.add_noise(init * 2 - 1, noise, start)
+        for timestep in timesteps:
             predicted = self(sample, int(timestep), condition, masks, defect_types)
             sample = self.scheduler.step(predicted, timestep, sample, eta=0.0).prev_sample
         composed = masks * sample + (1 - masks) * condition

@@ -1,0 +1,94 @@
+"""How DADDA's training defaults were chosen: variants on the *tuning* textures of the devbench.
+
+Each ``--run`` is a JSON object of ``DADDA`` arguments (plus a ``"tag"``); each is trained and tested on
+every ``--category`` exactly as ``benchmarks/report.py`` does (anomalib ``Engine``, ``MVTecAD`` with a
+synthetic validation split, AUROC with scikit-learn on raw scores and maps), one-class (procedural seeds,
+``defects_per_type`` 0) unless ``--k`` lends real defects. One JSON line per result is printed and
+appended to ``--log``. The defaults of ``DADDA``'s ``generated_pool`` and ``detector_crop`` are what this
+gave on the tuning half (bump-relief, melt, vegetal); the held-out half is measured only by
+``benchmarks/report.py``::
+
+    anomalib-diffusion-demo-data --textures ../shared/devbench/textures --root datasets/devbench
+    python benchmarks/dadda_tuning.py --root datasets/devbench --categories melt vegetal \\
+        --run '{"tag": "fresh", "generated_pool": 0, "generator_steps": 150, "detector_steps": 150}' \\
+        --run '{"tag": "pool_crop128", "detector_crop": 128, "generator_steps": 150, "detector_steps": 150}'
+"""
+
+import argparse
+import json
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from dadda_federated import few_defects
+from report import datamodule, train_and_score
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--root", type=Path, required=True, help="MVTec AD-layout root (e.g. datasets/devbench)")
+    parser.add_argument("--categories", nargs="+", required=True)
+    parser.add_argument("--run", action="append", required=True, help="JSON object: DADDA arguments and a tag")
+    parser.add_argument("--k", type=int, default=0, help="real defective images per type lent (0: one-class)")
+    parser.add_argument("--seed", type=int, default=42, help="as configs/benchmark.yaml")
+    parser.add_argument(
+        "--head-strengths",
+        type=float,
+        nargs="*",
+        default=[],
+        help="after each fit: rebuild the generated pool at each of these generation_strength values, refit the "
+        "type head on generated defects only (the paper's protocol) and test again (needs --k)",
+    )
+    parser.add_argument("--log", type=Path, default=None, help="append the JSON lines here too")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    runs = [json.loads(text) for text in args.run]
+    for run in runs:
+        settings = {key: value for key, value in run.items() if key != "tag"}
+        settings.setdefault("visualizer", False)
+        for category in args.categories:
+            with tempfile.TemporaryDirectory() as work:
+                if args.k:
+                    data = few_defects(args.root, category, args.k, batch=8)
+                else:
+                    data = datamodule(args.root, category, args.seed, batch=8)
+                model, runner, result = train_and_score("DADDA", settings, data, Path(work), args.seed)
+                heads = {}
+                for strength in args.head_strengths:
+                    model.generation_strength, model.type_head_source = strength, "generated"
+                    model.build_generated_pool()
+                    model.fit_defect_type_head()
+                    metrics = runner.test(model=model, datamodule=data, verbose=False)[0]
+                    heads[str(strength)] = [
+                        round(metrics.get("defect_type_accuracy", float("nan")), 3),
+                        round(metrics.get("defect_type_accuracy_own_region", float("nan")), 3),
+                    ]
+            line = {
+                "tag": run.get("tag", ""),
+                "category": category,
+                "k": args.k,
+                "image_AUROC": round(result.metrics["image_AUROC"], 4),
+                "pixel_AUROC": round(result.metrics["pixel_AUROC"], 4),
+                "PRO": round(result.metrics.get("pixel_AUPRO", float("nan")), 4),
+                "fit_s": round(result.fit_seconds, 1),
+                "type_accuracy": result.metrics.get("defect_type_accuracy"),
+                "type_accuracy_own_region": result.metrics.get("defect_type_accuracy_own_region"),
+                "generated_only_head_by_strength": heads,
+                "settings": settings,
+            }
+            del model
+            text = json.dumps(line)
+            print(text, flush=True)
+            if args.log is not None:
+                with args.log.open("a") as log:
+                    log.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
