@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from anomalib.data import MVTecAD
+from anomalib.engine import Engine
 from lightning import seed_everything
 
 from anomalib_diffusion.data import DEMO_CATEGORIES, MVTecADFewDefects
@@ -46,6 +47,7 @@ from anomalib_diffusion.models import DADDA
 sys.path.insert(0, str(Path(__file__).parent))
 from common import engine, finish_figure, generated_line, machine_line, markdown_table, publish
 from dadda_federated import build_categories, check_categories, dadda_settings, few_defects, unseen_test_set
+from report import raw_outputs
 
 REPORT = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "dadda.md"
 FIGURE = Path(__file__).resolve().parents[1] / "docs" / "figures" / "dadda_defects.png"
@@ -91,6 +93,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def raw_test(run: Engine, model: DADDA, data: MVTecAD) -> dict[str, float]:
+    """``Engine.test`` on raw scores and maps, as ``report.py`` scores.
+
+    anomalib's post-processor would map them to [0, 1] with the range seen on the (synthetic) validation split and
+    clamp what lies beyond, tying every test image past that range and lowering AUROC. DADDA's scores and maps are
+    probabilities, so torchmetrics' AUROC takes them as they are; the type accuracy reads the raw pixel threshold.
+    """
+    with raw_outputs(model):
+        return run.test(model=model, datamodule=data, verbose=False)[0]
+
+
 def per_category(
     root: Path, category: str, args: argparse.Namespace, settings: dict, work: Path, panels: list
 ) -> tuple[list[str], list[float]]:
@@ -102,13 +115,13 @@ def per_category(
     started = time.perf_counter()
     run.fit(model=model, datamodule=data)
     minutes = (time.perf_counter() - started) / 60
-    metrics = run.test(model=model, datamodule=data, verbose=False)[0]
+    metrics = raw_test(run, model, data)
     print(f"{category}: {metrics}", flush=True)
     panels.append((category, defect_panels(model, data)))
     # The paper's protocol: the same detector, its head refitted on generated defects only.
     model.type_head_source = "generated"
     model.fit_defect_type_head()
-    generated = run.test(model=model, datamodule=data, verbose=False)[0]
+    generated = raw_test(run, model, data)
     print(f"{category}, head on generated defects only: {generated}", flush=True)
     values = [
         metrics["defect_type_accuracy"],
@@ -144,7 +157,7 @@ def never_held(root: Path, category: str, args: argparse.Namespace, settings: di
         model = DADDA(**(settings | variant))  # type: ignore[arg-type]
         engine(work / f"{name}_fit").fit(model=model, datamodule=few_defects(site.root, category, args.k, batch))
         test_data = MVTecAD(root=unseen, category=category, eval_batch_size=batch, num_workers=0, seed=0)
-        metrics = engine(work / f"{name}_test").test(model=model, datamodule=test_data, verbose=False)[0]
+        metrics = raw_test(engine(work / f"{name}_test"), model, test_data)
         print(f"{category} {site.name} {name} on {scored}: {metrics}", flush=True)
         results.append(metrics)
     generated, pasted = results
@@ -260,7 +273,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             "detector trains twice with the same detector steps: with generated defects (DADDA's default: half of "
             "the defects it sees are the generator's, half DAM pastes) and with DAM pastes only "
             "(`generated_fraction: 0`, no generator). Both are scored on the full test split's normal images and the "
-            "defect types the site never held. AUROC needs no threshold.",
+            "defect types the site never held. AUROC needs no threshold; every AUROC here is computed on the raw "
+            "scores and maps (as in `benchmarks/report.py`), not on anomalib's normalised ones, which are clamped "
+            "to the range seen on the synthetic validation split.",
             "",
             "![Real, DAM and generated defects per type](../figures/dadda_defects.png)",
             "",

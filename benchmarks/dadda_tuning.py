@@ -6,12 +6,20 @@ synthetic validation split, AUROC with scikit-learn on raw scores and maps), one
 ``defects_per_type`` 0) unless ``--k`` lends real defects. One JSON line per result is printed and
 appended to ``--log``. The defaults of ``DADDA``'s ``generated_pool`` and ``detector_crop`` are what this
 gave on the tuning half (bump-relief, melt, vegetal); the held-out half is measured only by
-``benchmarks/report.py``::
+``benchmarks/report.py``. The runs behind docs/dadda.md's *Our choices*::
 
     anomalib-diffusion-demo-data --textures ../shared/devbench/textures --root datasets/devbench
-    python benchmarks/dadda_tuning.py --root datasets/devbench --categories melt vegetal \\
-        --run '{"tag": "fresh", "generated_pool": 0, "generator_steps": 150, "detector_steps": 150}' \\
-        --run '{"tag": "pool_crop128", "detector_crop": 128, "generator_steps": 150, "detector_steps": 150}'
+    python benchmarks/dadda_tuning.py --root datasets/devbench --categories melt \\
+        --run '{"tag": "fresh_full_150", "generated_pool": 0, "detector_crop": null,
+                "generator_steps": 150, "detector_steps": 150}' \\
+        --run '{"tag": "pool_crop128_150", "generator_steps": 150, "detector_steps": 150}'
+    python benchmarks/dadda_tuning.py --root datasets/devbench --categories bump-relief --k 3 \\
+        --head-strengths 1.0 0.6 0.4 --run '{"tag": "k3_pool_crop128_150", "generator_steps": 150, "detector_steps": 150}'
+    python benchmarks/dadda_tuning.py --root datasets/devbench --categories bump-relief \\
+        --run '{"tag": "pool_crop128_150", "generator_steps": 150, "detector_steps": 150}' \\
+        --run '{"tag": "pool_crop128_300", "generator_steps": 300, "detector_steps": 300}'
+
+(``generated_pool`` 32 and ``detector_crop`` 128 are the defaults; the runs named them explicitly.)
 """
 
 import argparse

@@ -49,7 +49,7 @@ TINY_GLAD = {
 }
 
 
-# Generator crops of 32 on 64x64 images, 3 DDIM steps; 4 generator then 4 detector steps.
+# Generator crops of 32 on 64x64 images, 3 DDIM steps, 4 generated defects per type; 4 generator then 4 detector steps.
 TINY_DADDA = {
     "image_size": 64,
     "patch_size": 32,
@@ -62,6 +62,7 @@ TINY_DADDA = {
     "generator_steps": 4,
     "detector_steps": 4,
     "type_samples_per_type": 4,
+    "generated_pool": 4,
 }
 
 
