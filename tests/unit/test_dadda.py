@@ -447,6 +447,24 @@ class TestGeneratedPool:
         model.defective_batch(model._normal_images[:4], 1.0, 1.0, torch.tensor([0, 2, 1, 0]))
         assert calls == [([0, 2, 0], True, 0.5), ([1], False, 1.0)], "crack is held by no region: pure noise"
 
+    def test_the_pool_depends_on_the_generator_alone_and_leaves_the_random_stream_as_it_was(self) -> None:
+        """What a run resumed in the detector phase needs: the same pool, and training's random draws unchanged."""
+        pools = []
+        for seed in (1, 2):
+            model = dadda_with_bank("both")
+            model.generated_pool = 3
+            torch.manual_seed(seed)
+            before = torch.get_rng_state()
+            model.build_generated_pool()
+            assert torch.equal(torch.get_rng_state(), before)
+            pools.append(torch.cat([cutout.patch.flatten() for cutout in model.generated_dam.bank.cutouts]))
+        torch.testing.assert_close(pools[0], pools[1], rtol=0, atol=0)
+        with torch.no_grad():
+            next(model.model.generator.parameters()).add_(0.01)
+        model.build_generated_pool()
+        changed = torch.cat([cutout.patch.flatten() for cutout in model.generated_dam.bank.cutouts])
+        assert changed.shape != pools[0].shape or not torch.equal(changed, pools[0]), "another generator, another pool"
+
     def test_a_pool_of_zero_samples_inside_every_step_as_before(self) -> None:
         model = dadda_with_bank("both")
         model.generated_pool = 0

@@ -480,13 +480,32 @@ class DADDA(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
 
         Each is sampled with DDIM inside a DAM mask (of its type where the bank holds one) on a normal
         training image, and cut out along its mask into a :class:`DefectBank`, which a second DAM pastes
-        with the same augmentation, mask variation and blending as the real defects.
+        with the same augmentation, mask variation and blending as the real defects. The draws use torch's
+        random generator seeded from the trained generator's weights and then restored: a run resumed in
+        the detector phase rebuilds the same pool, and training's own random stream is left as it was.
         """
         dam = self._require_dam()
         normal_images = self._normal_images
         types = self.pool_defect_types()
         if self.generated_pool == 0 or self.generated_fraction == 0 or not types or normal_images is None:
             return
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self._generator_fingerprint())
+            bank = self._generate_pool_bank(normal_images, types)
+        if bank is None:
+            logger.warning("D-ADDA: the generator made no usable defect; the detector trains on DAM pastes only.")
+            return
+        self.generated_dam = DataAugmentationModule(bank, paste=dam.paste)
+        logger.info("D-ADDA: the detector draws generated defects from %s regions per type.", bank.counts())
+
+    def _generator_fingerprint(self) -> int:
+        """A seed that depends only on the generator's weights (the same after a resume)."""
+        total = torch.zeros((), dtype=torch.float64)
+        for index, parameter in enumerate(self.model.generator.parameters(), start=1):
+            total += index * parameter.detach().double().abs().sum().cpu()
+        return int(total.item() * 1e6) % (2**31)
+
+    def _generate_pool_bank(self, normal_images: torch.Tensor, types: list[int]) -> DefectBank | None:
         was_training = self.training
         self.eval()
         images, masks, names = [], [], []
@@ -507,11 +526,8 @@ class DADDA(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
                     bar.update(size)
         self.train(was_training)
         if not names:
-            logger.warning("D-ADDA: the generator made no usable defect; the detector trains on DAM pastes only.")
-            return
-        bank = DefectBank.from_images(torch.cat(images), torch.cat(masks), names, type_names=self.type_names)
-        self.generated_dam = DataAugmentationModule(bank, paste=dam.paste)
-        logger.info("D-ADDA: the detector draws generated defects from %s regions per type.", bank.counts())
+            return None
+        return DefectBank.from_images(torch.cat(images), torch.cat(masks), names, type_names=self.type_names)
 
     def held_defect_types(self) -> set[int]:
         """Indices of the defect types the DAM's bank holds regions of (none when only masks were given)."""
