@@ -15,11 +15,14 @@ gave on the tuning half (bump-relief, melt, vegetal); the held-out half is measu
         --run '{"tag": "pool_crop128_150", "generator_steps": 150, "detector_steps": 150}'
     python benchmarks/dadda_tuning.py --root datasets/devbench --categories bump-relief --k 3 \\
         --head-strengths 1.0 0.6 0.4 --run '{"tag": "k3_pool_crop128_150", "generator_steps": 150, "detector_steps": 150}'
+    python benchmarks/dadda_tuning.py --root datasets/devbench --categories vegetal --k 3 \\
+        --head-strengths 1.0 0.6 0.4 --run '{"tag": "k3_pool_crop128_150", "generator_steps": 150, "detector_steps": 150}'
     python benchmarks/dadda_tuning.py --root datasets/devbench --categories bump-relief \\
         --run '{"tag": "pool_crop128_150", "generator_steps": 150, "detector_steps": 150}' \\
         --run '{"tag": "pool_crop128_300", "generator_steps": 300, "detector_steps": 300}'
 
-(``generated_pool`` 32 and ``detector_crop`` 128 are the defaults; the runs named them explicitly.)
+(``generated_pool`` 32 and ``detector_crop`` 128 are the defaults. Every run but the first two on bump-relief
+was made after the pool was seeded from the generator's weights.)
 """
 
 import argparse
