@@ -21,8 +21,9 @@ gave on the tuning half (bump-relief, melt, vegetal); the held-out half is measu
         --run '{"tag": "pool_crop128_150", "generator_steps": 150, "detector_steps": 150}' \\
         --run '{"tag": "pool_crop128_300", "generator_steps": 300, "detector_steps": 300}'
 
-(``generated_pool`` 32 and ``detector_crop`` 128 are the defaults. Every run but the first two on bump-relief
-was made after the pool was seeded from the generator's weights.)
+(``generated_pool`` 32 and ``detector_crop`` 128 are the defaults. Only the vegetal run was made after the pool
+was seeded from the generator's weights (commit dd16c9b); the others drew it from the global random stream, so a
+rerun of them draws another pool of the same kind.)
 """
 
 import argparse
