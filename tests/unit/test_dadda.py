@@ -200,6 +200,21 @@ def tiny_head_dadda(**settings: object) -> DADDA:
     return DADDA(**(base | {"detector_width": 8, "visualizer": False} | settings))
 
 
+def record_generated_types(model: DADDA) -> list[torch.Tensor]:
+    """Wrap the model's generator so that the defect types of every ``generate`` call are recorded (returned list)."""
+    requested: list[torch.Tensor] = []
+    generate = model.model.generator.generate
+
+    def recording_generate(
+        images: torch.Tensor, masks: torch.Tensor, types: torch.Tensor, **settings: object
+    ) -> torch.Tensor:
+        requested.append(types.cpu())
+        return generate(images, masks, types, **settings)
+
+    model.model.generator.generate = recording_generate  # type: ignore[method-assign]
+    return requested
+
+
 def dadda_with_bank(type_head_source: str, defect_types: list[str] | None = None) -> DADDA:
     """A tiny DADDA whose DAM holds "blob" and "scratch" regions (what ``on_fit_start`` builds from lent defects)."""
     model = tiny_head_dadda(type_samples_per_type=16, type_head_source=type_head_source, defect_types=defect_types)
@@ -375,16 +390,7 @@ class TestMasksOnly:
 
     def test_the_detector_gets_generated_defects_of_every_type(self) -> None:
         model = self.model()
-        requested: list[torch.Tensor] = []
-        generate = model.model.generator.generate
-
-        def recording_generate(
-            images: torch.Tensor, masks: torch.Tensor, types: torch.Tensor, **settings: object
-        ) -> torch.Tensor:
-            requested.append(types.cpu())
-            return generate(images, masks, types, **settings)
-
-        model.model.generator.generate = recording_generate  # type: ignore[method-assign]
+        requested = record_generated_types(model)
         model.generated_fraction, model.defect_probability = 1.0, 1.0
         torch.manual_seed(1)
         for _ in range(4):
@@ -402,23 +408,10 @@ class TestMasksOnly:
 class TestGeneratedPool:
     """The generator's defects are made once when the detector phase starts; the detector draws from them."""
 
-    def recording(self, model: DADDA) -> list[torch.Tensor]:
-        requested: list[torch.Tensor] = []
-        generate = model.model.generator.generate
-
-        def recording_generate(
-            images: torch.Tensor, masks: torch.Tensor, types: torch.Tensor, **settings: object
-        ) -> torch.Tensor:
-            requested.append(types.cpu())
-            return generate(images, masks, types, **settings)
-
-        model.model.generator.generate = recording_generate  # type: ignore[method-assign]
-        return requested
-
     def test_the_pool_holds_generated_defects_of_every_held_type_and_the_detector_draws_from_it(self) -> None:
         model = dadda_with_bank("both")
         model.generated_pool = 5
-        requested = self.recording(model)
+        requested = record_generated_types(model)
         model.build_generated_pool()
         assert torch.cat(requested).tolist() == [0] * 5 + [1] * 5, "five of each held type, in its own masks"
         bank = model.generated_dam.bank
@@ -470,7 +463,7 @@ class TestGeneratedPool:
         model.generated_pool = 0
         model.build_generated_pool()
         assert model.generated_dam is None
-        requested = self.recording(model)
+        requested = record_generated_types(model)
         model.defective_batch(model._normal_images[:4], 1.0, 1.0, torch.tensor([0, 1, 0, 1]))
         assert torch.cat(requested).tolist() == [0, 1, 0, 1]
 

@@ -451,14 +451,17 @@ class DADDA(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
             crop_masks = crop_at(masks[generate], corners, self.patch_size)
             # SDEdit from the paste only where it shows the wanted type (a held one); other types from pure noise.
             own_type = is_held.to(images.device)[generate]
-            generated = torch.empty_like(crop_at(images[generate], corners, self.patch_size))
+            backgrounds = crop_at(images[generate], corners, self.patch_size)
+            pastes = crop_at(outputs[generate], corners, self.patch_size)
+            crop_types = types.to(images.device)[generate]
+            generated = torch.empty_like(backgrounds)
             for subset, strength in ((own_type, self.generation_strength), (~own_type, 1.0)):
                 if subset.any():
                     generated[subset] = self.model.generator.generate(
-                        crop_at(images[generate][subset], corners[subset], self.patch_size),
+                        backgrounds[subset],
                         crop_masks[subset],
-                        types.to(images.device)[generate][subset],
-                        init=crop_at(outputs[generate][subset], corners[subset], self.patch_size),
+                        crop_types[subset],
+                        init=pastes[subset],
                         strength=strength,
                     )
             outputs[generate] = paste_at(images[generate], generated, corners)
