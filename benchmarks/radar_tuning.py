@@ -67,6 +67,8 @@ DEFAULT_RUN = {
     "variants": [[10, 1, "full"]],
 }
 
+TOP_SHARES = (0.001, 0.01, 0.05)
+
 
 def load_image(path: Path, size: int) -> torch.Tensor:
     image = Image.open(path).convert("RGB")
@@ -151,9 +153,10 @@ def quality(args: argparse.Namespace) -> None:
         scores: dict[str, float] = {}
         for name, amap in maps.items():
             flat = amap.flatten(1)
-            top = flat.topk(max(1, int(0.01 * flat.shape[1])), dim=1).values.mean(dim=1)
             scores[f"pixel_{name}"] = round(roc_auc_score(masks.ravel(), amap.numpy()[:, 0].ravel()), 3)
-            scores[f"image_top1%_{name}"] = round(roc_auc_score(labels, top.numpy()), 3)
+            for share in TOP_SHARES:  # RADAR's top_k_fraction (default 0.01) and its neighbours
+                top = flat.topk(max(1, int(share * flat.shape[1])), dim=1).values.mean(dim=1)
+                scores[f"image_top{share * 100:g}%_{name}"] = round(roc_auc_score(labels, top.numpy()), 3)
         features = {key: edge_features(sobel_edge_map(images), 32) for key, images in (("held", held), ("test", test))}
         forest = TensorIsolationForest(n_estimators=100)
         forest.fit(features["held"])

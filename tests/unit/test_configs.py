@@ -59,15 +59,22 @@ def test_federated_config_with_an_unknown_section_is_refused(tmp_path: Path) -> 
         load_config(path)
 
 
-def test_benchmark_config_builds_every_model_with_a_bounded_budget() -> None:
+BENCHMARK_GRIDS = {
+    "benchmark.yaml": ["RADAR", "GLAD", "DADDA", "PadimLite0", "PatchcoreLite0", "DraemOffline"],
+    "benchmark_devbench.yaml": ["RADAR", "GLAD", "DADDA", "PadimLite0", "PatchcoreLite0"],
+}
+
+
+@pytest.mark.parametrize(("name", "models"), BENCHMARK_GRIDS.items())
+def test_benchmark_config_builds_every_model_with_a_bounded_budget(name: str, models: list[str]) -> None:
     """Each grid entry builds the way anomalib's benchmark generator builds it, and trains for a bounded time."""
     from anomalib.models import get_model
 
-    config = yaml.safe_load((CONFIGS / "benchmark.yaml").read_text())
+    config = yaml.safe_load((CONFIGS / name).read_text())
     assert config["accelerator"] == ["cpu"]
     entries = config["benchmark"]["model"]["grid"]
     names = [entry["class_path"] for entry in entries]
-    assert names == ["RADAR", "GLAD", "DADDA", "PadimLite0", "PatchcoreLite0", "DraemOffline"]
+    assert names == models
     for entry in entries:
         model = get_model(entry)
         assert type(model).__name__ == entry["class_path"]
@@ -82,8 +89,9 @@ def test_shipped_configs_never_threshold_on_test_labels(name: str) -> None:
     assert data["val_split_mode"] == "synthetic"
 
 
-def test_benchmark_config_never_thresholds_on_test_labels() -> None:
-    data = yaml.safe_load((CONFIGS / "benchmark.yaml").read_text())["benchmark"]["data"]["init_args"]
+@pytest.mark.parametrize("name", BENCHMARK_GRIDS)
+def test_benchmark_config_never_thresholds_on_test_labels(name: str) -> None:
+    data = yaml.safe_load((CONFIGS / name).read_text())["benchmark"]["data"]["init_args"]
     assert data["val_split_mode"] == "synthetic"
 
 
