@@ -39,7 +39,6 @@ from pathlib import Path
 
 import torch
 from anomalib.data import MVTecAD
-from anomalib.engine import Engine
 from lightning import seed_everything
 from sklearn.metrics import roc_auc_score
 
@@ -47,7 +46,7 @@ from anomalib_diffusion.data import DEMO_CATEGORIES, make_demo_dataset, texture_
 from anomalib_diffusion.models import GLAD
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import finish_figure, generated_line, machine_line, markdown_table, publish
+from common import engine, finish_figure, generated_line, machine_line, markdown_table, publish
 from report import TestOutputs, datamodule, raw_outputs, raw_test_outputs
 
 REPORT = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "glad_ablation.md"
@@ -101,20 +100,13 @@ def glad_settings(args: argparse.Namespace) -> dict[str, object]:
 def score(model: GLAD, data: MVTecAD, work: Path, train: bool) -> dict[str, float]:
     """Fit (or only validate, to calibrate and set the post-processor), then test on raw outputs."""
     collector = TestOutputs()
-    engine = Engine(
-        default_root_dir=work,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        callbacks=[collector],
-    )
+    runner = engine(work, callbacks=[collector])
     if train:
-        engine.fit(model=model, datamodule=data)
+        runner.fit(model=model, datamodule=data)
     else:
-        engine.validate(model=model, datamodule=data)
+        runner.validate(model=model, datamodule=data)
     with raw_outputs(model):
-        engine.test(model=model, datamodule=data, verbose=False)
+        runner.test(model=model, datamodule=data, verbose=False)
     scores, labels, pixels, masks = raw_test_outputs(collector.batches)
     return {"image_AUROC": float(roc_auc_score(labels, scores)), "pixel_AUROC": float(roc_auc_score(masks, pixels))}
 
