@@ -118,7 +118,9 @@ def test_the_shipped_configs_are_reachable_by_name(capsys: pytest.CaptureFixture
     assert config_text("radar") == (CONFIGS / "radar.yaml").read_text()
     config_main(["glad_demo"])
     assert capsys.readouterr().out == (CONFIGS / "glad_demo.yaml").read_text()
-    with pytest.raises(ValueError, match=r"No shipped config named 'radr'; choose one of: benchmark, dadda"):
+    with pytest.raises(
+        ValueError, match=r"No shipped config named 'radr'; choose one of: benchmark, benchmark_devbench, dadda"
+    ):
         config_text("radr")
     with pytest.raises(SystemExit):
         config_main(["radr"])
