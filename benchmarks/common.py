@@ -28,6 +28,7 @@ from lightning import Callback
 from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
+from anomalib_diffusion.data import DEMO_CATEGORIES, make_demo_dataset, texture_categories
 from anomalib_diffusion.deploy import compile_config
 
 if TYPE_CHECKING:
@@ -49,6 +50,42 @@ class OpenVINOQuality:
     constant_maps: bool
     scores: list[float] = field(default_factory=list)  # per test image, in the split's order
     labels: list[int] = field(default_factory=list)
+
+
+def texture_names(textures: Path | None) -> list[str]:
+    """The categories that ``textures`` (a folder of texture photographs) offers; exits with its problem."""
+    try:
+        return list(texture_categories(textures)) if textures else []
+    except ValueError as error:
+        raise SystemExit(str(error)) from error
+
+
+def check_categories(categories: Sequence[str], textures: Path | None) -> None:
+    """Exit naming every category that is neither a demo category nor a photograph in ``textures``."""
+    available = texture_names(textures)
+    if unknown := [name for name in categories if name not in available and name not in DEMO_CATEGORIES]:
+        where = f"a texture in {textures}" if textures else "a texture (pass --textures with a folder of photographs)"
+        raise SystemExit(f"{' '.join(unknown)}: neither a demo category ({', '.join(DEMO_CATEGORIES)}) nor {where}.")
+
+
+def build_categories(
+    root: Path, categories: Sequence[str], textures: Path | None, seed: int = 0, sizes: dict[str, int] | None = None
+) -> Path:
+    """The demo's planted defects on demo categories and on texture photographs, in one MVTec AD-layout root.
+
+    ``sizes``: ``make_demo_dataset``'s image counts and size (``--quick`` runs shrink them).
+    """
+    available = texture_names(textures)
+    try:
+        for names, folder in (
+            ([c for c in categories if c not in available], None),
+            ([c for c in categories if c in available], textures),
+        ):
+            if names:
+                make_demo_dataset(root, categories=names, seed=seed, progress=False, textures=folder, **(sizes or {}))
+    except ValueError as error:
+        raise SystemExit(str(error)) from error
+    return root
 
 
 def engine(root: Path, callbacks: list[Callback] | None = None) -> Engine:

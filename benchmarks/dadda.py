@@ -45,8 +45,17 @@ from anomalib_diffusion.federated.sites import split_into_sites
 from anomalib_diffusion.models import DADDA
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import engine, finish_figure, generated_line, machine_line, markdown_table, publish
-from dadda_federated import build_categories, check_categories, dadda_settings, few_defects, unseen_test_set
+from common import (
+    build_categories,
+    check_categories,
+    engine,
+    finish_figure,
+    generated_line,
+    machine_line,
+    markdown_table,
+    publish,
+)
+from dadda_federated import QUICK_SIZES, dadda_settings, few_defects, unseen_test_set
 from report import raw_outputs
 
 REPORT = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "dadda.md"
@@ -228,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     rows, values, gains = [], {}, []
     with tempfile.TemporaryDirectory() as scratch:
         work = args.work_dir or Path(scratch)
-        root = build_categories(work / "data", categories, args.textures, args.quick)
+        root = build_categories(work / "data", categories, args.textures, sizes=QUICK_SIZES if args.quick else None)
         for category in categories:
             row, values[category] = per_category(root, category, args, settings, work / category, panels)
             rows.append([f"{category} (held out)" if category in args.held_out else category, *row[1:]])

@@ -34,15 +34,16 @@ import yaml
 from anomalib.data import MVTecAD
 from lightning import seed_everything
 
-from anomalib_diffusion.data import DEMO_CATEGORIES, MVTecADFewDefects, make_demo_dataset
-from anomalib_diffusion.data.demo import texture_categories
+from anomalib_diffusion.data import MVTecADFewDefects
 from anomalib_diffusion.federated.sites import Site, split_into_sites
 from anomalib_diffusion.models import DADDA
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import engine, generated_line, machine_line, markdown_table, publish
+from common import build_categories, check_categories, engine, generated_line, machine_line, markdown_table, publish
 
 REPORT = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "dadda_federated.md"
+# make_demo_dataset's image counts and size for --quick runs
+QUICK_SIZES = {"n_train": 8, "n_test_good": 4, "n_test_per_defect": 4, "image_size": 64}
 FEDERATED_COLUMNS = [
     "category",
     "site",
@@ -80,26 +81,6 @@ def dadda_settings(args: argparse.Namespace, default_steps: int = 60) -> dict[st
         settings |= {"image_size": 64, "patch_size": 32, "block_out_channels": [8, 16], "generation_steps": 3}
         settings |= {"detector_width": 8, "type_samples_per_type": 4, "procedural_seeds": 8}
     return settings
-
-
-def check_categories(categories: Sequence[str], textures: Path | None) -> None:
-    """Exit naming every category that is neither a demo category nor a photograph in ``textures``."""
-    available = list(texture_categories(textures)) if textures else []
-    if unknown := [name for name in categories if name not in available and name not in DEMO_CATEGORIES]:
-        raise SystemExit(f"{' '.join(unknown)}: neither a demo category nor a texture in {textures}.")
-
-
-def build_categories(root: Path, categories: Sequence[str], textures: Path | None, quick: bool) -> Path:
-    """The demo's planted defects on demo categories and on texture photographs, in one MVTec AD-layout root."""
-    available = list(texture_categories(textures)) if textures else []
-    sizes = {"n_train": 8, "n_test_good": 4, "n_test_per_defect": 4, "image_size": 64} if quick else {}
-    for names, folder in (
-        ([c for c in categories if c not in available], None),
-        ([c for c in categories if c in available], textures),
-    ):
-        if names:
-            make_demo_dataset(root, categories=names, seed=0, progress=False, textures=folder, **sizes)
-    return root
 
 
 def few_defects(root: Path, category: str, k: int, batch: int) -> MVTecADFewDefects:
@@ -189,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
         work = args.work_dir or Path(scratch)
-        root = build_categories(work / "data", categories, args.textures, args.quick)
+        root = build_categories(work / "data", categories, args.textures, sizes=QUICK_SIZES if args.quick else None)
         rows = [row for category in categories for row in federated(root, category, args, settings, work / category)]
         minutes = (time.perf_counter() - start) / 60
     federated_rows = [row for row in rows if row[4] == "federated"]

@@ -42,11 +42,20 @@ from anomalib.data import MVTecAD
 from lightning import seed_everything
 from sklearn.metrics import roc_auc_score
 
-from anomalib_diffusion.data import DEMO_CATEGORIES, make_demo_dataset, texture_categories
+from anomalib_diffusion.data import DEMO_CATEGORIES
 from anomalib_diffusion.models import GLAD
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import engine, finish_figure, generated_line, machine_line, markdown_table, publish
+from common import (
+    build_categories,
+    check_categories,
+    engine,
+    finish_figure,
+    generated_line,
+    machine_line,
+    markdown_table,
+    publish,
+)
 from report import TestOutputs, datamodule, raw_outputs, raw_test_outputs
 
 REPORT = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "glad_ablation.md"
@@ -81,10 +90,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--figure", default=None, help=f"figure path ('-': none; default {FIGURE})")
     parser.add_argument("--quick", action="store_true", help="tiny data and model, a few steps; prints only")
     args = parser.parse_args(argv)
-    textures = list(texture_categories(args.textures)) if args.textures else []
     args.categories = args.categories or list(DEMO_CATEGORIES)
-    if unknown := [name for name in args.categories if name not in DEMO_CATEGORIES and name not in textures]:
-        parser.error(f"{' '.join(unknown)}: neither a demo category nor a texture of --textures.")
+    check_categories(args.categories, args.textures)
     if unknown := sorted(set(args.held_out) - set(args.categories)):
         parser.error(f"--held-out {' '.join(unknown)}: not among --categories.")
     return args
@@ -134,11 +141,10 @@ def run_category(
             print(f"{category} {name}: {metrics}", flush=True)
             if figure is not None and atp and ads and not inference:
                 draw_figure(model, root / category, figure)
-            label = f"{name} (default)" if name == DEFAULT_VARIANT else name
             rows.append(
                 [
                     category,
-                    label,
+                    name,
                     f"{metrics['image_AUROC']:.3f}",
                     f"{metrics['pixel_AUROC']:.3f}",
                     "yes" if atp else "no",
@@ -147,18 +153,23 @@ def run_category(
                 ]
             )
     order = {name: index for index, (name, *_) in enumerate(VARIANTS)}
-    return sorted(rows, key=lambda row: order[row[1].removesuffix(" (default)")])
+    return sorted(rows, key=lambda row: order[row[1]])
+
+
+def labelled(variant: str) -> str:
+    """The variant's name as the tables show it: GLAD's default is marked."""
+    return f"{variant} (default)" if variant == DEFAULT_VARIANT else variant
 
 
 def mean_rows(rows: list[list[str]], categories: Sequence[str], label: str) -> list[list[str]]:
     """One row per variant: image and pixel AUROC averaged over ``categories``."""
     means = []
     for name, *_ in VARIANTS:
-        chosen = [row for row in rows if row[0] in categories and row[1].removesuffix(" (default)") == name]
+        chosen = [row for row in rows if row[0] in categories and row[1] == name]
         if chosen:
             image = statistics.fmean(float(row[2]) for row in chosen)
             pixel = statistics.fmean(float(row[3]) for row in chosen)
-            means.append([label, chosen[0][1], f"{image:.3f}", f"{pixel:.3f}", *chosen[0][4:]])
+            means.append([label, labelled(name), f"{image:.3f}", f"{pixel:.3f}", *chosen[0][4:]])
     return means
 
 
@@ -206,14 +217,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         work = args.work_dir or Path(scratch)
         data_root = work / f"data_seed{args.data_seed}"
-        sizes = {"n_train": 8, "n_test_good": 4, "n_test_per_defect": 2, "image_size": 64} if args.quick else {}
-        demo = [name for name in categories if name in DEMO_CATEGORIES]
-        textures = [name for name in categories if name not in DEMO_CATEGORIES]
-        for names, folder in ((demo, None), (textures, args.textures)):
-            if names:
-                make_demo_dataset(
-                    data_root, categories=names, seed=args.data_seed, progress=False, textures=folder, **sizes
-                )
+        sizes = {"n_train": 8, "n_test_good": 4, "n_test_per_defect": 2, "image_size": 64} if args.quick else None
+        build_categories(data_root, categories, args.textures, seed=args.data_seed, sizes=sizes)
         start = time.perf_counter()
         rows = []
         for category in categories:
@@ -223,7 +228,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             )
         minutes = (time.perf_counter() - start) / 60
     header = ["category", "variant", "image AUROC", "pixel AUROC", "ATP", "ADS + SAFF", "U-Net calls"]
-    shown = [[f"{row[0]} (held out)" if row[0] in args.held_out else row[0], *row[1:]] for row in rows]
+    shown = [
+        [f"{row[0]} (held out)" if row[0] in args.held_out else row[0], labelled(row[1]), *row[2:]] for row in rows
+    ]
     tuned = [name for name in categories if name not in args.held_out]
     means = []
     for names, label in ((args.held_out, "held-out mean"), (tuned, "mean" if not args.held_out else "tuned-on mean")):
@@ -232,7 +239,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     data_line = (
         f"- Data: `make_demo_dataset` (seed {args.data_seed}, MVTec AD layout, 256x256 unless --quick): the demo's "
         "planted defects"
-        + (f" on the texture photographs of `{args.textures}` (one category per texture)" if textures else "")
+        + (
+            f" on the texture photographs of `{args.textures}` (one category per texture)"
+            if set(categories) - set(DEMO_CATEGORIES)
+            else ""
+        )
         + ". Thresholds are not needed (AUROC); the validation split is anomalib's synthetic one, as in report.py."
     )
     report = "\n".join(

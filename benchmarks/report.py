@@ -60,13 +60,14 @@ from lightning import Callback, seed_everything
 from sklearn.metrics import roc_auc_score, roc_curve
 from torchvision.transforms.v2 import Resize
 
-from anomalib_diffusion.data import DEMO_CATEGORIES, make_demo_dataset, texture_categories
 from anomalib_diffusion.deploy import compile_config, device_supports
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (
     OPENVINO_CONFIG,
+    build_categories,
     calibration_datamodule,
+    check_categories,
     command_line,
     engine,
     file_size_mb,
@@ -76,6 +77,7 @@ from common import (
     output_path,
     publish,
     save_figure_atomically,
+    texture_names,
     time_runs,
     write_atomically,
 )
@@ -884,14 +886,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     grid = model_grid(config, args.models, args.quick)
     data_config = config["benchmark"]["data"]["init_args"]
     if args.textures:
-        try:
-            available = list(texture_categories(args.textures))
-        except ValueError as error:
-            raise SystemExit(str(error)) from error
         # Demo categories may be named next to the textures: both are built into one root.
-        categories = args.categories or available
-        if unknown := [name for name in categories if name not in available and name not in DEMO_CATEGORIES]:
-            raise SystemExit(f"{' '.join(unknown)}: neither a texture in {args.textures} nor a demo category.")
+        categories = args.categories or texture_names(args.textures)
+        check_categories(categories, args.textures)
     else:
         categories = args.categories or data_config["category"].get("grid", [data_config["category"]])
     categories = categories[:1] if args.quick else categories
@@ -906,17 +903,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         work = args.work_dir or Path(scratch)
         root = args.root
         if root is None:
-            sizes = {"n_train": 10, "n_test_good": 4, "n_test_per_defect": 2, "image_size": 64} if args.quick else {}
-            textures = [name for name in categories if args.textures and name not in DEMO_CATEGORIES]
-            demo = [name for name in categories if name not in textures]
-            try:
-                for names, folder in ((demo, None), (textures, args.textures)):
-                    if names:
-                        root = make_demo_dataset(
-                            work / "data", categories=names, seed=0, progress=False, textures=folder, **sizes
-                        )
-            except ValueError as error:
-                raise SystemExit(str(error)) from error
+            sizes = {"n_train": 10, "n_test_good": 4, "n_test_per_defect": 2, "image_size": 64} if args.quick else None
+            root = build_categories(work / "data", categories, args.textures, sizes=sizes)
         elif not all((root / category / "train" / "good").is_dir() for category in categories):
             raise SystemExit(f"{root} is not an MVTec AD-layout folder with {categories} (each needs train/good).")
         results: dict[str, dict[str, Run]] = {}
