@@ -32,13 +32,15 @@ import numpy as np
 import openvino as ov
 import torch
 import torch.nn.functional as F  # noqa: N812
-from anomalib.models.components import GaussianBlur2d
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from anomalib_diffusion.components import (
+    BorderStandardiser,
+    SeparableGaussianBlur,
     TensorIsolationForest,
     UNetConfig,
+    band_moments,
     build_unet,
     edge_features,
     extract_patches,
@@ -65,6 +67,7 @@ DEFAULT_RUN = {
     "train_timesteps": [0, 200],
     "size": 256,
     "variants": [[10, 1, "full"]],
+    "border_bands": [1],
 }
 
 TOP_SHARES = (0.001, 0.01, 0.05)
@@ -141,15 +144,19 @@ def quality(args: argparse.Namespace) -> None:
             total = total + torch.linalg.vector_norm(predicted - noise, dim=1, keepdim=True)
         return total / draws
 
-    blur = GaussianBlur2d(sigma=4.0, channels=1, kernel_size=25)
+    blur = SeparableGaussianBlur(4.0)
     labels, masks = data["labels"], data["masks"]
     for timestep, draws, mode in run["variants"]:
         held, test = noise_map(data["held_out"], timestep, draws, mode), noise_map(data["test"], timestep, draws, mode)
+        normal = torch.cat([blur(held), blur(sobel_edge_map(held))], dim=1)
+        scored = torch.cat([blur(test), blur(sobel_edge_map(test))], dim=1)
         maps = {}
-        for name, transform in (("noise", lambda m: m), ("sobel", sobel_edge_map)):
-            normal, scored = blur(transform(held)), blur(transform(test))
-            maps[name] = (scored - normal.mean()) / normal.std()
-        maps["combined"] = torch.maximum(maps["noise"], maps["sobel"])
+        for bands in run["border_bands"]:  # 1: one mean and spread per map; more: per distance from the border
+            standardiser = BorderStandardiser(2, bands)
+            standardiser.fit(band_moments(normal, bands))
+            noise, sobel = standardiser(scored).split(1, dim=1)
+            suffix = "" if bands == 1 else f"_bands{bands}"
+            maps |= {f"noise{suffix}": noise, f"sobel{suffix}": sobel, f"combined{suffix}": torch.maximum(noise, sobel)}
         scores: dict[str, float] = {}
         for name, amap in maps.items():
             flat = amap.flatten(1)

@@ -23,7 +23,8 @@ def test_fit_fits_the_score_head_on_held_out_images_and_test_reports_metrics(tra
     model = trained_radar.model
     assert model.is_fitted()
     assert model.global_step == REFERENCE_RADAR["max_steps"]
-    assert (model.model.map_std > 0).all() and not torch.equal(model.model.map_mean, torch.zeros(2))
+    statistics = model.model.map_statistics
+    assert (statistics.std > 0).all() and not torch.equal(statistics.mean, torch.zeros_like(statistics.mean))
     train_paths = {str(path) for path in trained_radar.datamodule.train_data.samples["image_path"]}
     assert model._holdout_paths < train_paths  # 2 of the 8 normal training images, never a test image
     assert len(model._holdout_paths) == round(model.calibration_fraction * len(train_paths)) == 2
@@ -46,7 +47,12 @@ def test_checkpoint_round_trip_restores_unet_score_head_and_thresholds(
     assert trained_radar.checkpoint.is_file()
     restored = RADAR.load_from_checkpoint(trained_radar.checkpoint).eval()
     assert restored.is_fitted()
-    torch.testing.assert_close(restored.model.map_std, trained_radar.model.model.map_std, rtol=0, atol=0)
+    torch.testing.assert_close(
+        restored.model.map_statistics.state_dict(),
+        trained_radar.model.model.map_statistics.state_dict(),
+        rtol=0,
+        atol=0,
+    )
     images = image_tensor(demo_test_images(demo_root))
     with torch.no_grad():
         expected, actual = trained_radar.model(images), restored(images)

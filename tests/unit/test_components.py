@@ -8,10 +8,13 @@ from diffusers.models.upsampling import Upsample2D
 from sklearn.ensemble import IsolationForest
 
 from anomalib_diffusion.components import (
+    BorderStandardiser,
     SeparableGaussianBlur,
     TensorIsolationForest,
     UNetConfig,
     average_path_length,
+    band_moments,
+    border_bands,
     build_unet,
     check_image_batch,
     edge_features,
@@ -256,3 +259,70 @@ class TestSeparableGaussianBlur:
         assert list(old.state_dict()) == ["0.kernel"]
         new.load_state_dict(old.state_dict())  # strict: would fail on an unexpected key
         assert list(new.state_dict()) == []
+
+
+class TestBorderStandardiser:
+    def test_bands_are_the_distance_to_the_nearest_edge_clipped(self) -> None:
+        expected = torch.tensor(
+            [
+                [0, 0, 0, 0, 0, 0],
+                [0, 1, 1, 1, 1, 0],
+                [0, 1, 2, 2, 1, 0],
+                [0, 1, 1, 1, 1, 0],
+                [0, 0, 0, 0, 0, 0],
+            ]
+        )
+        torch.testing.assert_close(border_bands(5, 6, 3), expected, rtol=0, atol=0)
+        torch.testing.assert_close(border_bands(5, 6, 2), expected.clamp(max=1), rtol=0, atol=0)
+        assert border_bands(5, 6, 1).eq(0).all()
+
+    def test_band_moments_are_the_mean_and_mean_square_of_each_band(self) -> None:
+        maps = torch.rand(3, 2, 9, 7)
+        moments = band_moments(maps, 3)
+        bands = border_bands(9, 7, 3)
+        assert moments.shape == (3, 2, 3, 2)
+        for band in range(3):
+            inside = maps[..., bands == band].double()
+            torch.testing.assert_close(moments[:, :, band, 0], inside.mean(dim=-1))
+            torch.testing.assert_close(moments[:, :, band, 1], inside.pow(2).mean(dim=-1))
+
+    def test_one_band_is_the_plain_standardisation(self) -> None:
+        maps = torch.rand(4, 2, 16, 16) * torch.tensor([1.0, 5.0])[:, None, None]
+        standardiser = BorderStandardiser(2, 1)
+        standardiser.fit(band_moments(maps, 1))
+        flat = maps.transpose(0, 1).flatten(1).double()
+        expected = (maps - flat.mean(dim=1).float()[:, None, None]) / flat.std(dim=1, correction=0).float()[
+            :, None, None
+        ]
+        torch.testing.assert_close(standardiser(maps), expected, rtol=1e-4, atol=1e-5)
+
+    def test_a_raised_border_of_normal_maps_is_standardised_away(self) -> None:
+        generator = torch.Generator().manual_seed(0)
+        raised = torch.ones(32, 32)
+        raised[2:-2, 2:-2] = 0  # two rings of pixels sit 6 std above the inside on every map
+        normal = torch.randn(8, 1, 32, 32, generator=generator) + 6 * raised
+        defect = torch.randn(1, 1, 32, 32, generator=generator) + 6 * raised
+        defect[..., 14:18, 14:18] += 5  # a defect inside, weaker than the border
+        for bands, border_wins in ((1, True), (3, False)):
+            standardiser = BorderStandardiser(1, bands)
+            standardiser.fit(band_moments(normal, bands))
+            scored = standardiser(defect)[0, 0]
+            assert bool(scored.max() == scored[raised.bool()].max()) is border_wins
+        per_band = band_moments(standardiser(normal), 3).mean(dim=0)[0]
+        torch.testing.assert_close(per_band[:, 0], torch.zeros(3, dtype=torch.float64), atol=1e-5, rtol=0)
+        torch.testing.assert_close(per_band[:, 1], torch.ones(3, dtype=torch.float64), atol=1e-4, rtol=0)
+
+    def test_statistics_of_one_value_per_channel_load_into_every_band(self) -> None:
+        standardiser = BorderStandardiser(2, 4)
+        standardiser.load_state_dict({"mean": torch.tensor([1.0, 2.0]), "std": torch.tensor([3.0, 4.0])})
+        torch.testing.assert_close(standardiser.mean, torch.tensor([[1.0] * 4, [2.0] * 4]))
+        torch.testing.assert_close(standardiser.std, torch.tensor([[3.0] * 4, [4.0] * 4]))
+
+    @pytest.mark.parametrize("bands", [0, -1, 2.5, True])
+    def test_bad_band_counts_are_refused(self, bands: object) -> None:
+        with pytest.raises(ValueError, match=r"border_bands=.* must be an integer of at least 1"):
+            BorderStandardiser(2, bands)  # type: ignore[arg-type]
+
+    def test_moments_of_another_shape_are_refused(self) -> None:
+        with pytest.raises(ValueError, match=r"Expected band moments of shape \(N, 2, 4, 2\)"):
+            BorderStandardiser(2, 4).fit(torch.zeros(3, 2, 1, 2))

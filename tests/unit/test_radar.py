@@ -111,6 +111,15 @@ class TestRADARModel:
         assert maps.mean().item() == pytest.approx(0.0, abs=1e-4)
         assert maps.std().item() == pytest.approx(1.0, abs=1e-2)
 
+    def test_statistics_saved_before_the_border_bands_load_into_every_band(self) -> None:
+        state = tiny_model().state_dict()
+        del state["map_statistics.mean"], state["map_statistics.std"]
+        state |= {"map_mean": torch.tensor([0.5, 1.5]), "map_std": torch.tensor([2.0, 3.0])}
+        restored = tiny_model(border_bands=4)
+        restored.load_state_dict(state)
+        torch.testing.assert_close(restored.map_statistics.mean, torch.tensor([[0.5] * 4, [1.5] * 4]))
+        torch.testing.assert_close(restored.map_statistics.std, torch.tensor([[2.0] * 4, [3.0] * 4]))
+
     def test_anomaly_maps_and_top_k_score(self) -> None:
         images = torch.rand(2, 3, 64, 64)
         with torch.no_grad():
@@ -156,6 +165,7 @@ class TestRADARModule:
             ({"image_score": "max"}, "image_score='max' must be one of 'top_k', 'forest'"),
             ({"top_k_fraction": 0}, "top_k_fraction=0 must be in"),
             ({"noise_draws": 0}, "noise_draws=0 must be an integer of at least 1"),
+            ({"border_bands": 0}, "border_bands=0 must be an integer of at least 1"),
             ({"calibration_fraction": 0.6}, "calibration_fraction=0.6 must be in"),
         ],
     )

@@ -1,6 +1,7 @@
 """Building blocks shared by the package's models."""
 
 from .blur import SeparableGaussianBlur
+from .border import BorderStandardiser, band_moments, border_bands
 from .checkpoints import CheckpointOwnerMixin
 from .edges import edge_features, global_l2, max_window_l2, sobel_edge_map
 from .holdout import HoldoutMixin, calibration_fraction_problem
@@ -19,6 +20,7 @@ from .unet import UNetConfig, as_int_tuple, build_unet
 from .validation import check_image_batch
 
 __all__ = [
+    "BorderStandardiser",
     "CheckpointOwnerMixin",
     "FittedModuleMixin",
     "FixedNoise",
@@ -28,6 +30,8 @@ __all__ = [
     "UNetConfig",
     "as_int_tuple",
     "average_path_length",
+    "band_moments",
+    "border_bands",
     "build_unet",
     "calibration_fraction_problem",
     "check_image_batch",

@@ -59,9 +59,9 @@ class RADAR(CheckpointOwnerMixin, FittedModuleMixin, HoldoutMixin, AnomalibModul
     A DDPM noise-prediction U-Net is trained on random patches of normal images. At inference
     one forward diffusion step gives a noise map. The anomaly map is that map smoothed (or its
     Sobel edge map, the paper's), standardised with statistics of normal images that the U-Net
-    did not train on (``calibration_fraction`` of the training split, held out); the image score
-    is the mean of its highest values (or the paper's Isolation Forest on two edge-map norms,
-    fitted on the same held-out images).
+    did not train on (``calibration_fraction`` of the training split, held out), per distance from the
+    image border; the image score is the mean of its highest values (or the paper's Isolation Forest
+    on two edge-map norms, fitted on the same held-out images).
 
     Args:
         image_size: Size the default pre-processor resizes images to (height, width).
@@ -88,6 +88,8 @@ class RADAR(CheckpointOwnerMixin, FittedModuleMixin, HoldoutMixin, AnomalibModul
         image_score: ``"top_k"`` (mean of the map's highest ``top_k_fraction``) or ``"forest"`` (the paper's).
         top_k_fraction: Share of pixels the ``"top_k"`` score averages.
         noise_draws: Fixed noise draws averaged into the noise map (each costs one more U-Net pass).
+        border_bands: Rings of pixels from the image edge inwards whose map statistics are fitted apart (the
+            U-Net's noise map is raised near the border on normal images); ``1`` fits one mean and spread.
         calibration_fraction: Share of the training images held out of training, to fit the score head on.
         pre_processor: ``True`` for the default (resize, no ImageNet normalisation), a
             pre-processor, or ``False``.
@@ -114,6 +116,7 @@ class RADAR(CheckpointOwnerMixin, FittedModuleMixin, HoldoutMixin, AnomalibModul
         "image_score",
         "anomaly_map_sigma",
         "noise_draws",
+        "border_bands",
         "calibration_fraction",
     )
 
@@ -142,6 +145,7 @@ class RADAR(CheckpointOwnerMixin, FittedModuleMixin, HoldoutMixin, AnomalibModul
         image_score: ImageScoreName = "top_k",
         top_k_fraction: float = 0.01,
         noise_draws: int = 1,
+        border_bands: int = 16,
         calibration_fraction: float = 0.2,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
@@ -189,6 +193,7 @@ class RADAR(CheckpointOwnerMixin, FittedModuleMixin, HoldoutMixin, AnomalibModul
             image_score=image_score,
             top_k_fraction=top_k_fraction,
             noise_draws=noise_draws,
+            border_bands=border_bands,
         )
 
     @classmethod

@@ -12,8 +12,9 @@ The paper's maps and score: a Sobel filter on the noise map gives the pixel map;
 norm and its largest sliding-window L2 norm are the two image features that an Isolation Forest
 turns into the image score (``anomaly_map="sobel"``, ``image_score="forest"``). Our defaults
 (measured in docs/radar.md): the smoothed noise map itself, or its maximum with the Sobel map,
-each standardised by its mean and spread over held-out normal images, and the mean of the
-map's highest values as the image score, which rises with the map everywhere.
+each standardised by its mean and spread over held-out normal images per distance from the image
+border (the U-Net's noise map is raised near the border), and the mean of the map's highest values as the
+image score, which rises with the map everywhere.
 """
 
 import math
@@ -24,10 +25,12 @@ from anomalib.data import InferenceBatch
 from torch import nn
 
 from anomalib_diffusion.components import (
+    BorderStandardiser,
     FixedNoise,
     SeparableGaussianBlur,
     TensorIsolationForest,
     UNetConfig,
+    band_moments,
     build_unet,
     edge_features,
     extract_patches,
@@ -69,6 +72,8 @@ class RADARModel(nn.Module):
             ``"forest"`` (the paper's Isolation Forest on the Sobel map's two L2 features).
         top_k_fraction: Share of pixels the ``"top_k"`` score averages.
         noise_draws: Fixed noise draws whose noise maps are averaged (one U-Net call on ``noise_draws`` x the batch).
+        border_bands: Rings of pixels from the image edge inwards whose map statistics are fitted apart (the
+            last band is the whole inside); ``1`` standardises every pixel alike. See :class:`BorderStandardiser`.
     """
 
     def __init__(
@@ -88,10 +93,11 @@ class RADARModel(nn.Module):
         image_score: ImageScoreName = "top_k",
         top_k_fraction: float = 0.01,
         noise_draws: int = 1,
+        border_bands: int = 16,
     ) -> None:
         super().__init__()
         _check_inference_config(unet.sample_size, stride, timestep, window_size, inference_mode, train_timestep_range)
-        _check_scoring_config(anomaly_map, image_score, top_k_fraction, noise_draws)
+        _check_scoring_config(anomaly_map, image_score, top_k_fraction, noise_draws, border_bands)
         self.unet_config = unet
         self.patch_size = unet.sample_size
         self.stride = stride
@@ -111,12 +117,10 @@ class RADARModel(nn.Module):
         self.inference_noise = nn.ModuleList(
             FixedNoise(unet.in_channels, noise_seed + draw) for draw in range(noise_draws)
         )
-        # Mean and standard deviation of the smoothed noise and Sobel maps over held-out normal pixels.
-        self.register_buffer("map_mean", torch.zeros(2))
-        self.register_buffer("map_std", torch.ones(2))
+        # Mean and standard deviation of the smoothed noise (channel 0) and Sobel (1) maps over held-out normal
+        # pixels, per border band.
+        self.map_statistics = BorderStandardiser(2, border_bands)
         self.register_buffer("fitted", torch.tensor(False))
-        self.map_mean: torch.Tensor
-        self.map_std: torch.Tensor
         self.fitted: torch.Tensor
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | InferenceBatch:
@@ -139,7 +143,7 @@ class RADARModel(nn.Module):
         """The chosen anomaly map: smoothed, then standardised with the held-out normal images' statistics."""
 
         def standardised(raw_map: torch.Tensor, index: int) -> torch.Tensor:  # index 0: noise map, 1: Sobel map
-            return (self.blur(raw_map) - self.map_mean[index]) / self.map_std[index]
+            return self.map_statistics(self.blur(raw_map), channel=index)
 
         if self.anomaly_map == "sobel":
             return standardised(edge_map, 1)
@@ -149,24 +153,30 @@ class RADARModel(nn.Module):
         return torch.maximum(noise, standardised(edge_map, 1))
 
     def head_statistics(self, images: torch.Tensor) -> torch.Tensor:
-        """``(B, 6)`` per image: mean and mean square of the smoothed noise and Sobel maps, and the 2 forest features."""
+        """``(B, 4 * border_bands + 2)`` per image: the smoothed maps' band moments, then the 2 forest features.
+
+        The moments are :func:`band_moments` of the smoothed noise and Sobel maps, flattened.
+        """
         noise_map = self.noise_map(images)
         edge_map = sobel_edge_map(noise_map)
-        smoothed = torch.cat([self.blur(noise_map), self.blur(edge_map)], dim=1).flatten(2)
-        moments = torch.cat([smoothed.mean(dim=2), smoothed.pow(2).mean(dim=2)], dim=1)[:, [0, 2, 1, 3]]
-        return torch.cat([moments, edge_features(edge_map, self.window_size)], dim=1)
+        smoothed = torch.cat([self.blur(noise_map), self.blur(edge_map)], dim=1)
+        moments = band_moments(smoothed, self.map_statistics.bands).flatten(1)
+        return torch.cat([moments, edge_features(edge_map, self.window_size).double()], dim=1)
 
     def fit_head(self, statistics: torch.Tensor) -> None:
         """Set the map statistics (and fit the forest, if it scores) from :meth:`head_statistics` of normal images."""
-        statistics = statistics.double()
-        for index in range(2):
-            mean = statistics[:, 2 * index].mean()
-            variance = statistics[:, 2 * index + 1].mean() - mean.pow(2)
-            self.map_mean[index] = mean.float()
-            self.map_std[index] = variance.clamp_min(1e-12).sqrt().float()
+        bands = self.map_statistics.bands
+        self.map_statistics.fit(statistics[:, : 4 * bands].reshape(-1, 2, bands, 2))
         if self.image_score == "forest":
-            self.forest.fit(statistics[:, 4:].float())
+            self.forest.fit(statistics[:, 4 * bands :].float())
         self.fitted.fill_(True)
+
+    def _load_from_state_dict(self, state_dict: dict[str, torch.Tensor], prefix: str, *args: object) -> None:
+        """Checkpoints from before the border bands name the map statistics ``map_mean`` and ``map_std``."""
+        for old, new in (("map_mean", "map_statistics.mean"), ("map_std", "map_statistics.std")):
+            if prefix + old in state_dict:
+                state_dict[prefix + new] = state_dict.pop(prefix + old)
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, 2)`` Isolation Forest inputs: global and max-window L2 norms of the Sobel noise map."""
@@ -215,7 +225,9 @@ class RADARModel(nn.Module):
         return torch.cat([self.unet(chunk, self.timestep).sample for chunk in chunks])
 
 
-def _check_scoring_config(anomaly_map: str, image_score: str, top_k_fraction: float, noise_draws: int) -> None:
+def _check_scoring_config(
+    anomaly_map: str, image_score: str, top_k_fraction: float, noise_draws: int, border_bands: int
+) -> None:
     problems = []
     if anomaly_map not in ANOMALY_MAPS:
         problems.append(f"anomaly_map={anomaly_map!r} must be one of {', '.join(map(repr, ANOMALY_MAPS))}")
@@ -225,6 +237,8 @@ def _check_scoring_config(anomaly_map: str, image_score: str, top_k_fraction: fl
         problems.append(f"top_k_fraction={top_k_fraction} must be in (0, 1]")
     if isinstance(noise_draws, bool) or not isinstance(noise_draws, int) or noise_draws < 1:
         problems.append(f"noise_draws={noise_draws!r} must be an integer of at least 1")
+    if isinstance(border_bands, bool) or not isinstance(border_bands, int) or border_bands < 1:
+        problems.append(f"border_bands={border_bands!r} must be an integer of at least 1 (1: no border bands)")
     if problems:
         msg = "Invalid RADAR configuration: " + "; ".join(problems) + "."
         raise ValueError(msg)
