@@ -5,8 +5,10 @@ Two sub-commands, both printing one JSON line per result (and appending it to ``
 ``quality``: trains one RADAR U-Net (a plain loop over random patches of 32 of a category's 40 normal training
 images; the other 8 are held out) and scores the test split with several inference variants of that one
 network: timestep ``t``, noise draws, patch or full-image pass, and for each the anomaly maps (smoothed
-Sobel map, smoothed noise map, their standardised maximum) and image scores (mean of the top 1 % of the map;
-the paper's Isolation Forest on the two Sobel features, fitted on the held-out or on the training images).
+Sobel map, smoothed noise map, their standardised maximum) and image scores (mean of the top 0.1 / 1 / 5 % of the
+map; the paper's Isolation Forest on the two Sobel features, fitted on the held-out or on the training images).
+``"border_bands": [1, 16, ...]`` in the run's JSON standardises the maps with that many border bands each (RADAR's
+``border_bands``; 1 is one mean and spread per map), and reports every band count side by side.
 Image and pixel AUROC with scikit-learn. The defaults of ``RADAR`` are what won here on the tuning half
 (bump-relief, melt, vegetal); the held-out half is measured only by ``benchmarks/report.py``::
 
