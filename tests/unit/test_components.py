@@ -312,6 +312,14 @@ class TestBorderStandardiser:
         torch.testing.assert_close(per_band[:, 0], torch.zeros(3, dtype=torch.float64), atol=1e-5, rtol=0)
         torch.testing.assert_close(per_band[:, 1], torch.ones(3, dtype=torch.float64), atol=1e-4, rtol=0)
 
+    def test_bands_missing_from_small_maps_take_the_innermost_fitted_band(self) -> None:
+        small = torch.rand(4, 2, 6, 6)  # bands 0-2 only
+        standardiser = BorderStandardiser(2, 8)
+        standardiser.fit(band_moments(small, 8))
+        torch.testing.assert_close(standardiser.mean[:, 3:], standardiser.mean[:, 2:3].expand(-1, 5))
+        torch.testing.assert_close(standardiser.std[:, 3:], standardiser.std[:, 2:3].expand(-1, 5))
+        assert torch.isfinite(standardiser(torch.rand(1, 2, 40, 40))).all()
+
     def test_statistics_of_one_value_per_channel_load_into_every_band(self) -> None:
         standardiser = BorderStandardiser(2, 4)
         standardiser.load_state_dict({"mean": torch.tensor([1.0, 2.0]), "std": torch.tensor([3.0, 4.0])})

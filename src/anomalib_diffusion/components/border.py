@@ -11,7 +11,6 @@ so one fitted profile serves any image size, and the band map is a few tensor op
 """
 
 import torch
-import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 
@@ -25,12 +24,12 @@ def border_bands(height: int, width: int, bands: int, device: torch.device | Non
 
 
 def band_moments(maps: torch.Tensor, bands: int) -> torch.Tensor:
-    """``(B, C, bands, 2)``: each map's mean and mean square over the pixels of every band (float64)."""
-    height, width = maps.shape[-2:]
-    members = F.one_hot(border_bands(height, width, bands, maps.device).flatten(), bands).double()
-    counts = members.sum(dim=0)
+    """``(B, C, bands, 2)``: each map's mean and mean square over the pixels of every band (float64; NaN where empty)."""
+    band = border_bands(maps.shape[-2], maps.shape[-1], bands, maps.device).flatten()
+    counts = torch.bincount(band, minlength=bands).double()
     flat = maps.flatten(2).double()
-    return torch.stack([flat @ members / counts, flat.pow(2) @ members / counts], dim=-1)
+    sums = [flat.new_zeros(*flat.shape[:2], bands).index_add_(2, band, values) for values in (flat, flat.pow(2))]
+    return torch.stack(sums, dim=-1) / counts[:, None]
 
 
 class BorderStandardiser(nn.Module):
@@ -59,6 +58,11 @@ class BorderStandardiser(nn.Module):
             raise ValueError(msg)
         mean = moments[..., 0].double().mean(dim=0)
         variance = moments[..., 1].double().mean(dim=0) - mean.pow(2)
+        # Maps narrower than 2 * bands have no pixels in the inner bands: those take the innermost fitted band's
+        # statistics, so larger images scored later are standardised like the inside of the fitted ones.
+        for band in range(1, self.bands):
+            empty = torch.isnan(mean[:, band])
+            mean[empty, band], variance[empty, band] = mean[empty, band - 1], variance[empty, band - 1]
         self.mean.copy_(mean.float())
         self.std.copy_(variance.clamp_min(1e-12).sqrt().float())
 
