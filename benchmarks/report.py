@@ -560,10 +560,10 @@ def quality_tables(results: dict[str, dict[str, Run]], held_out: Sequence[str] =
     ]
     text = markdown_table(header, rows)
     tuned = [category for category in results if category not in held_out]
-    groups = [("held out", list(held_out)), ("tuned on", tuned)] if held_out else [("all", list(results))]
+    groups = [("the held out", list(held_out)), ("the tuned on", tuned)] if held_out else [("all", list(results))]
     for label, categories in groups:
         if len(categories) > 1 or (held_out and categories):
-            text += f"\n\nMean over the {label} categories ({', '.join(categories)}; train s: the sum):\n\n"
+            text += f"\n\nMean over {label} categories ({', '.join(categories)}; train s: the sum):\n\n"
             text += mean_table(results, categories)
     return text
 
