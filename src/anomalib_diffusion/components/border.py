@@ -14,6 +14,13 @@ import torch
 from torch import nn
 
 
+def border_bands_problem(bands: int) -> str | None:
+    """What is wrong with a ``border_bands`` setting, or ``None``."""
+    if isinstance(bands, bool) or not isinstance(bands, int) or bands < 1:
+        return f"border_bands={bands!r} must be an integer of at least 1 (1 standardises every pixel alike)"
+    return None
+
+
 def border_bands(height: int, width: int, bands: int, device: torch.device | None = None) -> torch.Tensor:
     """``(H, W)`` band index of every pixel: its distance to the nearest image edge, clipped to ``bands - 1``."""
     rows = torch.arange(height, device=device)
@@ -42,8 +49,8 @@ class BorderStandardiser(nn.Module):
 
     def __init__(self, channels: int, bands: int) -> None:
         super().__init__()
-        if isinstance(bands, bool) or not isinstance(bands, int) or bands < 1:
-            msg = f"border_bands={bands!r} must be an integer of at least 1 (1 standardises every pixel alike)."
+        if problem := border_bands_problem(bands):
+            msg = f"{problem}."
             raise ValueError(msg)
         self.bands = bands
         self.register_buffer("mean", torch.zeros(channels, bands))

@@ -41,6 +41,7 @@ from anomalib_diffusion.components import (
     sobel_edge_map,
     stitch_patches,
 )
+from anomalib_diffusion.components.border import border_bands_problem
 from anomalib_diffusion.components.features import top_k_mean
 
 InferenceMode = Literal["patch", "full"]
@@ -237,8 +238,8 @@ def _check_scoring_config(
         problems.append(f"top_k_fraction={top_k_fraction} must be in (0, 1]")
     if isinstance(noise_draws, bool) or not isinstance(noise_draws, int) or noise_draws < 1:
         problems.append(f"noise_draws={noise_draws!r} must be an integer of at least 1")
-    if isinstance(border_bands, bool) or not isinstance(border_bands, int) or border_bands < 1:
-        problems.append(f"border_bands={border_bands!r} must be an integer of at least 1 (1: no border bands)")
+    if problem := border_bands_problem(border_bands):
+        problems.append(problem)
     if problems:
         msg = "Invalid RADAR configuration: " + "; ".join(problems) + "."
         raise ValueError(msg)
