@@ -20,10 +20,13 @@ gave on the tuning half (bump-relief, melt, vegetal); the held-out half is measu
     python benchmarks/dadda_tuning.py --root datasets/devbench --categories bump-relief \\
         --run '{"tag": "pool_crop128_150", "generator_steps": 150, "detector_steps": 150}' \\
         --run '{"tag": "pool_crop128_300", "generator_steps": 300, "detector_steps": 300}'
+    python benchmarks/dadda_tuning.py --root datasets/devbench --categories bump-relief vegetal --k 3 \\
+        --head-strengths 1.0 --run '{"tag": "k3_sample_150", "generator_steps": 150, "detector_steps": 150,
+                                     "generator_target": "sample"}'
 
-(``generated_pool`` 32 and ``detector_crop`` 128 are the defaults. Only the vegetal run was made after the pool
-was seeded from the generator's weights (commit dd16c9b); the others drew it from the global random stream, so a
-rerun of them draws another pool of the same kind.)
+(``generated_pool`` 32, ``detector_crop`` 128 and ``generator_target`` ``"epsilon"`` are the defaults. Only the
+vegetal and ``generator_target`` runs were made after the pool was seeded from the generator's weights (commit
+dd16c9b); the others drew it from the global random stream, so a rerun of them draws another pool of the same kind.)
 """
 
 import argparse

@@ -93,6 +93,58 @@ class TestDefectGenerator:
         with pytest.raises(ValueError, match="num_class_embeds"):
             DefectGenerator(UNetConfig(sample_size=32, block_out_channels=(8, 16), in_channels=7))
 
+    @pytest.mark.parametrize("target", ["epsilon", "sample", "v_prediction"])
+    def test_the_loss_is_zero_exactly_when_the_unet_predicts_its_target(self, target: str) -> None:
+        """A U-Net that returns the target (noise, clean crop or velocity) has zero loss; another target does not."""
+        generator = DefectGenerator(UNET, num_inference_steps=3, prediction_type=target)
+        defective, background = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)
+        masks = torch.zeros(2, 1, 32, 32)
+        masks[:, :, 4:12, 4:12] = 1
+        captured = {}
+
+        def add_noise(clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+            captured.update(clean=clean, noise=noise, timesteps=timesteps)
+            return clean  # never read: the oracle U-Net below ignores its input
+
+        def oracle(*args: object, **kwargs: object) -> torch.Tensor:
+            del args, kwargs
+            clean, noise, timesteps = captured["clean"], captured["noise"], captured["timesteps"]
+            if target == "sample":
+                return clean
+            if target == "v_prediction":
+                return generator.train_scheduler.get_velocity(clean, noise, timesteps)
+            return noise
+
+        generator.train_scheduler.add_noise = add_noise
+        generator.forward = oracle
+        assert generator.loss(defective, background, masks, torch.tensor([0, 1])) == 0
+        torch.testing.assert_close(captured["clean"], defective * 2 - 1)
+        generator.prediction_type = "epsilon" if target != "epsilon" else "sample"
+        assert generator.loss(defective, background, masks, torch.tensor([0, 1])) > 0.01
+
+    @pytest.mark.parametrize("target", ["sample", "v_prediction"])
+    def test_sampling_follows_the_prediction_target(self, target: str) -> None:
+        """DDIM reads the U-Net's output as the target it was trained on: a U-Net that always predicts one
+        clean crop (in its target's terms) draws that crop inside the mask."""
+        generator = DefectGenerator(UNET, num_inference_steps=5, prediction_type=target).eval()
+        assert generator.scheduler.config.prediction_type == target
+        wanted = torch.rand(1, 3, 32, 32) * 2 - 1
+
+        def oracle(sample: torch.Tensor, timestep: int, *args: object) -> torch.Tensor:
+            del args  # the condition: this oracle draws the same crop whatever it is
+            if target == "sample":
+                return wanted
+            alpha = generator.scheduler.alphas_cumprod[timestep]
+            noise = (sample - alpha.sqrt() * wanted) / (1 - alpha).sqrt()
+            return alpha.sqrt() * noise - (1 - alpha).sqrt() * wanted
+
+        generator.forward = oracle
+        masks = torch.ones(1, 1, 32, 32)
+        output = generator.generate(
+            torch.rand(1, 3, 32, 32), masks, torch.tensor([0]), torch.Generator().manual_seed(0)
+        )
+        torch.testing.assert_close(output, (wanted + 1) / 2, atol=1e-4, rtol=0)
+
 
 class TestDetector:
     @pytest.mark.parametrize("size", [(64, 64), (50, 70)])
@@ -159,6 +211,7 @@ class TestDADDAConfig:
             ({"generated_pool": -1}, "generated_pool=-1 must be 0 or more"),
             ({"generation_strength": 0.0}, r"generation_strength=0.0 must be in \(0, 1\]"),
             ({"detector_crop": 32}, "detector_crop=32 must be at least patch_size=64"),
+            ({"generator_target": "noise"}, "generator_target='noise' must be one of 'epsilon', 'sample'"),
         ],
     )
     def test_bad_settings_are_named(self, settings: dict, named: str) -> None:

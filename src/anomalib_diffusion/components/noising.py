@@ -21,13 +21,18 @@ def make_ddpm_scheduler(
     beta_start: float = 1e-4,
     beta_end: float = 0.02,
     beta_schedule: str = "linear",
+    prediction_type: str = "epsilon",
 ) -> DDPMScheduler:
-    """DDPM schedule of Ho et al. (2020): linear betas from 1e-4 to 0.02 over 1000 steps."""
+    """DDPM schedule of Ho et al. (2020): linear betas from 1e-4 to 0.02 over 1000 steps.
+
+    ``prediction_type`` is what the network predicts (diffusers: ``epsilon``, ``sample`` or ``v_prediction``).
+    """
     return DDPMScheduler(
         num_train_timesteps=num_train_timesteps,
         beta_start=beta_start,
         beta_end=beta_end,
         beta_schedule=beta_schedule,
+        prediction_type=prediction_type,
     )
 
 

@@ -66,7 +66,7 @@ from anomalib_diffusion.components import (
 )
 from anomalib_diffusion.data.few_defects import defect_type_of
 
-from .torch_model import DADDAModel, crop_at, defect_crop_boxes, paste_at
+from .torch_model import GENERATOR_TARGETS, DADDAModel, crop_at, defect_crop_boxes, paste_at
 from .type_head import DefectTypeStatistics, pooled_type_head
 
 __all__ = ["DADDA"]
@@ -95,6 +95,8 @@ class DADDA(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
             generator redraws the defect keeping its coarse look. Types the site holds no real
             example of are always drawn from pure noise.
         defect_weight: Extra generator loss weight inside the defect mask.
+        generator_target: What the generator's U-Net learns to predict: ``"epsilon"`` (the noise),
+            ``"sample"`` (the clean defective crop) or ``"v_prediction"`` (the velocity).
         detector_width: Base channel width of the detector (anomalib's DRAEM segmentation network).
         defect_types: Defect type names in index order. ``None`` takes the types of the real
             defects found at fit time (sorted); federated sites pass the same list so indices agree.
@@ -143,6 +145,7 @@ class DADDA(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
         generation_steps: int = 20,
         generation_strength: float = 1.0,
         defect_weight: float = 4.0,
+        generator_target: str = "epsilon",
         detector_width: int = 16,
         defect_types: Sequence[str] | None = None,
         max_defect_types: int = 16,
@@ -179,6 +182,7 @@ class DADDA(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
             detector_crop,
             generation_strength,
             patch_size,
+            generator_target,
         )
         if pre_processor is True:
             pre_processor = self.configure_pre_processor(image_size)
@@ -221,6 +225,7 @@ class DADDA(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
             generation_steps=generation_steps,
             defect_weight=defect_weight,
             top_k_fraction=top_k_fraction,
+            generator_target=generator_target,
         )
         self.dam: DataAugmentationModule | None = None
         # The generator's defects that the detector trains on (built when the detector phase starts).
@@ -773,8 +778,13 @@ def _check_dadda_config(
     detector_crop: int | None = None,
     generation_strength: float = 1.0,
     patch_size: int = 64,
+    generator_target: str = "epsilon",
 ) -> None:
     problems = _generation_problems(generated_pool, detector_crop, generation_strength, patch_size)
+    if generator_target not in GENERATOR_TARGETS:
+        problems.append(
+            f"generator_target={generator_target!r} must be one of {', '.join(map(repr, GENERATOR_TARGETS))}"
+        )
     if type_head_source not in {"both", "generated", "dam"}:
         problems.append(f"type_head_source={type_head_source!r} must be 'both', 'generated' or 'dam'")
     if generator_steps < 0:

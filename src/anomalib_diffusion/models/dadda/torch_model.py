@@ -28,6 +28,8 @@ from anomalib_diffusion.components import UNetConfig, build_unet, make_ddpm_sche
 from anomalib_diffusion.components.features import top_k_mean
 
 NUM_TRAIN_TIMESTEPS = 1000
+# What the generator's U-Net predicts (diffusers' ``prediction_type``).
+GENERATOR_TARGETS = ("epsilon", "sample", "v_prediction")
 # DRAEM's segmentation network halves its input five times.
 DETECTOR_FACTOR = 32
 
@@ -35,29 +37,44 @@ DETECTOR_FACTOR = 32
 class DefectGenerator(nn.Module):
     """Synthesises a defect of a given type inside a mask on a normal image (crops in ``[0, 1]``).
 
-    Training is the DDPM noise-prediction loss on the defective crop ``x0``:
-    ``L = E || w * (eps - eps_theta([x_t, (1 - m) * b, m], t, c)) ||^2`` with ``b`` the normal crop,
-    ``m`` the mask, ``c`` the defect type and ``w = 1 + defect_weight * m`` (outside the mask the
-    answer is the given background, so the defect pixels carry the loss).
+    Training is the weighted DDPM loss on the defective crop ``x0``:
+    ``L = E || w * (y - f_theta([x_t, (1 - m) * b, m], t, c)) ||^2`` with ``b`` the normal crop,
+    ``m`` the mask, ``c`` the defect type, ``w = 1 + defect_weight * m`` (outside the mask the
+    answer is the given background, so the defect pixels carry the loss) and ``y`` the target:
+    the noise ``eps`` (``"epsilon"``), the clean crop ``x0`` (``"sample"``) or the velocity
+    ``sqrt(abar) eps - sqrt(1 - abar) x0`` (``"v_prediction"``).
 
     Args:
         unet: Shape of the U-Net; ``in_channels``/``out_channels`` are set here (7 in, 3 out) and
             ``num_class_embeds`` must be the number of defect types it can be conditioned on.
         num_inference_steps: DDIM steps when sampling.
         defect_weight: Extra loss weight inside the mask.
+        prediction_type: What the U-Net predicts, one of ``GENERATOR_TARGETS``.
     """
 
-    def __init__(self, unet: UNetConfig, num_inference_steps: int = 20, defect_weight: float = 4.0) -> None:
+    def __init__(
+        self,
+        unet: UNetConfig,
+        num_inference_steps: int = 20,
+        defect_weight: float = 4.0,
+        prediction_type: str = "epsilon",
+    ) -> None:
         super().__init__()
         if not unet.num_class_embeds:
             msg = "The defect generator's UNetConfig needs num_class_embeds (the number of defect types)."
             raise ValueError(msg)
+        if prediction_type not in GENERATOR_TARGETS:
+            msg = f"prediction_type={prediction_type!r} must be one of {list(GENERATOR_TARGETS)}."
+            raise ValueError(msg)
         self.unet_config = unet
         self.unet = build_unet(unet)
-        self.train_scheduler = make_ddpm_scheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS)
+        self.train_scheduler = make_ddpm_scheduler(
+            num_train_timesteps=NUM_TRAIN_TIMESTEPS, prediction_type=prediction_type
+        )
         self.scheduler = DDIMScheduler.from_config(self.train_scheduler.config, clip_sample=True, set_alpha_to_one=True)
         self.scheduler.set_timesteps(num_inference_steps)
         self.defect_weight = defect_weight
+        self.prediction_type = prediction_type
 
     def forward(
         self,
@@ -67,7 +84,7 @@ class DefectGenerator(nn.Module):
         masks: torch.Tensor,
         defect_types: torch.Tensor,
     ) -> torch.Tensor:
-        """Noise prediction; ``noisy`` and ``background`` in ``[-1, 1]``, ``masks`` in {0, 1}."""
+        """The U-Net's prediction (see ``prediction_type``); ``noisy`` and ``background`` in ``[-1, 1]``, ``masks`` in {0, 1}."""
         inputs = torch.cat([noisy, background * (1 - masks), masks], dim=1)
         return self.unet(inputs, timesteps, class_labels=defect_types).sample
 
@@ -78,14 +95,20 @@ class DefectGenerator(nn.Module):
         masks: torch.Tensor,
         defect_types: torch.Tensor,
     ) -> torch.Tensor:
-        """Weighted noise-prediction loss on ``(B, 3, h, w)`` crops in ``[0, 1]``."""
+        """Weighted loss on ``(B, 3, h, w)`` crops in ``[0, 1]`` against the ``prediction_type`` target."""
         clean = defective * 2 - 1
         noise = torch.randn_like(clean)
         timesteps = torch.randint(0, NUM_TRAIN_TIMESTEPS, (clean.shape[0],), device=clean.device)
         noisy = self.train_scheduler.add_noise(clean, noise, timesteps)
         predicted = self(noisy, timesteps, background * 2 - 1, masks, defect_types)
+        if self.prediction_type == "sample":
+            target = clean
+        elif self.prediction_type == "v_prediction":
+            target = self.train_scheduler.get_velocity(clean, noise, timesteps)
+        else:
+            target = noise
         weight = 1 + self.defect_weight * masks
-        return (weight * (predicted - noise) ** 2).mean() / weight.mean()
+        return (weight * (predicted - target) ** 2).mean() / weight.mean()
 
     @torch.no_grad()
     def generate(
@@ -162,6 +185,7 @@ class DADDAModel(nn.Module):
         max_defect_types: Size of the defect-type tables (class embedding, classifier).
         generation_steps: DDIM steps of the generator.
         defect_weight: Generator loss weight inside the mask.
+        generator_target: What the generator's U-Net predicts (``DefectGenerator``'s ``prediction_type``).
         top_k_fraction: Share of the highest anomaly-map values averaged into the image score.
     """
 
@@ -173,9 +197,10 @@ class DADDAModel(nn.Module):
         generation_steps: int = 20,
         defect_weight: float = 4.0,
         top_k_fraction: float = 0.01,
+        generator_target: str = "epsilon",
     ) -> None:
         super().__init__()
-        self.generator = DefectGenerator(generator_unet, generation_steps, defect_weight)
+        self.generator = DefectGenerator(generator_unet, generation_steps, defect_weight, generator_target)
         self.detector = DefectDetector(detector_width)
         self.max_defect_types = max_defect_types
         self.top_k_fraction = top_k_fraction
