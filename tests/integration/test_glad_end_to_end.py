@@ -8,6 +8,7 @@ import pytest
 import torch
 from anomalib.deploy import CompressionType, OpenVINOInferencer
 
+from anomalib_diffusion.components.border import border_bands
 from anomalib_diffusion.deploy import compile_config
 from anomalib_diffusion.models import GLAD
 from tests.conftest import REFERENCE_GLAD, TrainedModel, tiny_datamodule
@@ -31,6 +32,20 @@ def test_fit_calibrates_on_held_out_training_images(trained_glad: TrainedModel) 
     assert model._holdout_paths
     assert model._holdout_paths < train_paths  # 2 of the 8 normal training images, never a test image
     assert len(model._holdout_paths) == round(REFERENCE_GLAD["calibration_fraction"] * len(train_paths))
+
+
+def test_the_map_standardisation_is_fitted_on_the_held_out_images(trained_glad: TrainedModel) -> None:
+    """Over the held-out images, the finished model's map has mean 0 and spread 1 in every border band."""
+    model = trained_glad.model.eval()
+    images = model.pre_processor(image_tensor(sorted(Path(path) for path in model._holdout_paths)))
+    with torch.no_grad():
+        anomaly_map = model.model(images).anomaly_map
+    assert not torch.equal(model.model.map_statistics.std, torch.ones_like(model.model.map_statistics.std))
+    band = border_bands(*anomaly_map.shape[-2:], model.model.map_statistics.bands)
+    for index in range(model.model.map_statistics.bands):
+        values = anomaly_map[:, 0][:, band == index].double()
+        assert abs(values.mean()) < 1e-3, index
+        assert abs(values.var(unbiased=False) - 1) < 1e-2, index
 
 
 def test_inference_uses_the_ema_weights(trained_glad: TrainedModel, demo_root: Path) -> None:

@@ -10,6 +10,7 @@ import torch
 from anomalib.data import ImageBatch, InferenceBatch
 
 from anomalib_diffusion.components import UNetConfig
+from anomalib_diffusion.components.border import border_bands
 from anomalib_diffusion.components.features import (
     UNetEncoderFeatures,
     neighbourhood_cosine_distance,
@@ -171,11 +172,45 @@ class TestAdaptiveReconstruction:
             ({"top_k_fraction": 0.0}, "top_k_fraction=0.0"),
             ({"num_inference_steps": 0}, "num_inference_steps=0"),
             ({"min_timestep": 650, "start_timestep": 699}, "No DDIM step after the start"),
+            ({"border_bands": True}, "border_bands=True must be an integer"),
         ],
     )
     def test_invalid_settings_are_named(self, settings: dict, named: str) -> None:
         with pytest.raises(ValueError, match=named):
             tiny_model(**settings)
+
+
+class TestMapStandardisation:
+    def test_the_map_is_the_smoothed_distance_standardised_per_border_band(self) -> None:
+        model = tiny_model(border_bands=4)
+        images = torch.rand(3, 3, 32, 32)
+        with torch.no_grad():
+            before = model(images).anomaly_map
+            smoothed = model.smoothed_distance(images)
+            torch.testing.assert_close(before, smoothed, rtol=0, atol=0)  # unfitted: mean 0, spread 1
+            model.map_statistics.fit(model.map_moments(images))
+            after = model(images).anomaly_map
+        band = border_bands(32, 32, 4)
+        for index in range(4):
+            values = after[:, 0][:, band == index]
+            torch.testing.assert_close(values.mean(), torch.tensor(0.0), atol=1e-4, rtol=0)
+            torch.testing.assert_close(values.std(unbiased=False), torch.tensor(1.0), atol=1e-3, rtol=0)
+
+    def test_a_checkpoint_from_before_the_bands_scores_as_it_did(self) -> None:
+        """Old state dicts have no map statistics: they load as mean 0, spread 1, the plain smoothed distance."""
+        old = {key: value for key, value in tiny_model().state_dict().items() if "map_statistics" not in key}
+        model = tiny_model()
+        model.map_statistics.mean.fill_(5.0)
+        model.load_state_dict(old)
+        assert torch.equal(model.map_statistics.mean, torch.zeros(1, 16))
+        assert torch.equal(model.map_statistics.std, torch.ones(1, 16))
+        images = torch.rand(1, 3, 32, 32)
+        with torch.no_grad():
+            torch.testing.assert_close(model(images).anomaly_map, model.smoothed_distance(images), rtol=0, atol=0)
+
+    def test_a_state_dict_without_the_model_keys_is_still_refused(self) -> None:
+        with pytest.raises(RuntimeError, match="Missing key"):
+            tiny_model().load_state_dict({})
 
 
 class TestFeatures:
@@ -237,6 +272,7 @@ class TestGLADModule:
             ({"calibration_quantile": 0.0}, "calibration_quantile=0.0"),
             ({"image_size": 16}, "smaller than patch_size"),
             ({"max_steps": 0}, "max_steps=0"),
+            ({"border_bands": 0}, "border_bands=0 must be an integer of at least 1"),
         ],
     )
     def test_invalid_settings_are_named(self, settings: dict, named: str) -> None:
@@ -263,14 +299,14 @@ class TestGLADModule:
         with pytest.raises(ValueError, match=named):
             GLAD(**TINY_GLAD)(torch.rand(shape))
 
-    @pytest.mark.parametrize(("adaptive", "held_out"), [(False, 0), (True, 1)])
-    def test_only_the_adaptive_steps_hold_training_images_out(self, adaptive: bool, held_out: int) -> None:
-        """ADS + SAFF calibrate on held-out normal images; plain DDIM has nothing to calibrate and trains on all."""
+    @pytest.mark.parametrize("adaptive", [False, True])
+    def test_both_variants_hold_training_images_out_for_calibration(self, adaptive: bool) -> None:
+        """The map standardisation (and ADS + SAFF's tau) is fitted on held-out normal images, never trained on."""
         model = GLAD(**TINY_GLAD, adaptive_steps=adaptive)  # calibration_fraction 0.25: 1 of 4 images
         samples = pd.DataFrame({"image_path": [f"{index}.png" for index in range(4)]})
         model._trainer = SimpleNamespace(datamodule=SimpleNamespace(train_data=SimpleNamespace(samples=samples)))
         model.on_fit_start()
-        assert len(model._holdout_paths) == held_out
+        assert len(model._holdout_paths) == 1
 
     def test_training_skips_a_batch_that_is_entirely_held_out(self) -> None:
         model = GLAD(**TINY_GLAD)

@@ -65,8 +65,9 @@ class GLAD(CheckpointOwnerMixin, FittedModuleMixin, HoldoutMixin, AnomalibModule
     crops) learns with anomaly-aware training (ATP) to denoise synthetic anomalies away. At
     inference a fixed DDIM schedule reconstructs the image; each sample picks its own fusion step
     (ADS) and fuses generated and input content by a per-location discrepancy map (SAFF). The
-    feature distance between image and reconstruction is the anomaly map. ``tau`` and the fusion
-    ramp are calibrated on held-out normal training images at the end of fitting.
+    feature distance between image and reconstruction, standardised per distance from the image
+    border, is the anomaly map. The standardisation (and, with ADS + SAFF, ``tau`` and the fusion
+    ramp) are calibrated on held-out normal training images at the end of fitting.
 
     Args:
         image_size: Size the default pre-processor resizes images to (height, width).
@@ -90,11 +91,15 @@ class GLAD(CheckpointOwnerMixin, FittedModuleMixin, HoldoutMixin, AnomalibModule
         neighbourhood_radius: Radius of the nearest-neighbour feature match.
         top_k_fraction: Share of the top map values averaged into discrepancies and image scores.
         anomaly_map_sigma: Gaussian smoothing of the anomaly map.
+        border_bands: The anomaly map is standardised with held-out normal images' mean and spread
+            per border band: the outermost ``border_bands - 1`` one-pixel rings each get their own,
+            the inside shares one (``1``: one mean and spread for every pixel).
         learning_rate: AdamW learning rate.
         max_steps: Optimiser steps; then calibration runs.
         patches_per_step: Random crops per optimiser step.
         ema_decay: Largest decay of the exponential moving average of the weights used at inference.
-        calibration_fraction: Share of the training images held out of training for calibration.
+        calibration_fraction: Share of the training images held out of training for calibration
+            (the map standardisation; with ADS + SAFF also ``tau`` and the fusion ramp).
         calibration_quantile: ``tau`` of each search step is this quantile of the held-out images'
             discrepancies there.
         noise_seed: Seed of the fixed inference noise and of the hold-out draw.
@@ -105,7 +110,7 @@ class GLAD(CheckpointOwnerMixin, FittedModuleMixin, HoldoutMixin, AnomalibModule
         visualizer: ``True`` for anomalib's default visualiser, a visualiser, or ``False``.
     """
 
-    FITTED_PART = "its calibration (tau and the fusion ramp)"
+    FITTED_PART = "its calibration (the anomaly map's standardisation; tau and the fusion ramp)"
     # The step search compares feature distances with the calibrated tau inside the graph; NNCF's
     # activation ranges collapse those distances (measured on a trained model: an all-zero anomaly
     # map, even with only the U-Net's convolutions and linear layers quantised). Weight-only INT8 works.
@@ -131,6 +136,8 @@ class GLAD(CheckpointOwnerMixin, FittedModuleMixin, HoldoutMixin, AnomalibModule
         "pixel_weight",
         "neighbourhood_radius",
         "top_k_fraction",
+        "anomaly_map_sigma",
+        "border_bands",
         "calibration_quantile",
         "noise_seed",
     )
@@ -156,6 +163,7 @@ class GLAD(CheckpointOwnerMixin, FittedModuleMixin, HoldoutMixin, AnomalibModule
         neighbourhood_radius: int = 1,
         top_k_fraction: float = 0.01,
         anomaly_map_sigma: float = 4.0,
+        border_bands: int = 16,
         learning_rate: float = 1e-3,
         max_steps: int = 2000,
         patches_per_step: int = 8,
@@ -212,6 +220,7 @@ class GLAD(CheckpointOwnerMixin, FittedModuleMixin, HoldoutMixin, AnomalibModule
             top_k_fraction=top_k_fraction,
             anomaly_map_sigma=anomaly_map_sigma,
             noise_seed=noise_seed,
+            border_bands=border_bands,
         )
         self._ema: EMAModel | None = None
         self._stepped = False  # whether the last training_step produced a loss (and so an optimiser step)
@@ -227,9 +236,8 @@ class GLAD(CheckpointOwnerMixin, FittedModuleMixin, HoldoutMixin, AnomalibModule
     # -- training ----------------------------------------------------------------------------
 
     def on_fit_start(self) -> None:
-        """Hold out a share of the normal training images for calibration (only ADS + SAFF calibrate)."""
-        if self.model.adaptive:
-            self.draw_holdout()
+        """Hold out a share of the normal training images for calibration."""
+        self.draw_holdout()
         super().on_fit_start()  # last: a resumed run restores its random generators here
 
     def on_train_start(self) -> None:
@@ -270,12 +278,30 @@ class GLAD(CheckpointOwnerMixin, FittedModuleMixin, HoldoutMixin, AnomalibModule
     # -- calibration -------------------------------------------------------------------------
 
     def on_validation_start(self) -> None:
-        """Calibrate ``tau`` and the fusion ramp on the held-out normal images with the EMA U-Net."""
+        """Calibrate on the held-out normal images with the EMA U-Net."""
         if self.trainer.state.fn == TrainerFn.FITTING or not self.is_fitted():
             self.calibrate()
 
     @torch.no_grad()
     def calibrate(self) -> None:
+        """Calibrate on the held-out normal images: the adaptive steps (with ADS + SAFF), then the map's standardisation.
+
+        The map standardisation is fitted on the smoothed distance maps of the finished model (with
+        its calibrated steps): per border band, their mean and spread.
+        """
+        if self.model.adaptive:
+            self.calibrate_adaptive_steps()
+        moments = collect_training_features(
+            self,
+            self.model.map_moments,
+            description="GLAD: fitting the anomaly map's standardisation on held-out normal images",
+            min_size=self.min_image_size,
+            indices=self._holdout_indices,
+        )
+        self.model.map_statistics.fit(moments)
+        self.model.fitted.fill_(True)
+
+    def calibrate_adaptive_steps(self) -> None:
         """Set each search step's ``tau`` and fusion ramp from the held-out normal images.
 
         The reconstruction runs with ``tau = inf`` (nothing crosses, as for a normal image) and
@@ -284,9 +310,6 @@ class GLAD(CheckpointOwnerMixin, FittedModuleMixin, HoldoutMixin, AnomalibModule
         map values (mask 0) to twice that (mask 1).
         """
         model = self.model
-        if not model.adaptive:
-            model.fitted.fill_(True)
-            return
         model.tau.fill_(torch.inf)
         generator = torch.Generator().manual_seed(self.noise_seed)
 
@@ -309,7 +332,6 @@ class GLAD(CheckpointOwnerMixin, FittedModuleMixin, HoldoutMixin, AnomalibModule
         low = torch.quantile(values, RAMP_QUANTILE, dim=1)
         model.ramp_low.copy_(low)
         model.ramp_high.copy_(2 * low + 1e-6)
-        model.fitted.fill_(True)
 
     def is_fitted(self) -> bool:
         return bool(self.model.fitted)

@@ -22,8 +22,10 @@ where it is low. A sample that never exceeds ``tau`` is fused at the last search
 low, so it keeps the input). Every per-sample decision is a mask, so the whole reconstruction
 unrolls into one exportable graph with a fixed number of U-Net calls.
 
-Scoring: the feature distance between the input and the reconstruction, Gaussian-blurred, is the
-``anomaly_map``; the mean of its top pixels is ``pred_score``.
+Scoring: the feature distance between the input and the reconstruction, Gaussian-blurred and
+standardised per border band with held-out normal images' statistics (:class:`BorderStandardiser`: the
+map is raised near the image border on normal images), is the ``anomaly_map``; the mean of its top pixels
+is ``pred_score``.
 """
 
 from collections.abc import Sequence
@@ -37,12 +39,14 @@ from diffusers import DDIMScheduler
 from torch import nn
 
 from anomalib_diffusion.components import (
+    BorderStandardiser,
     FixedNoise,
     SeparableGaussianBlur,
     UNetConfig,
     build_unet,
     make_ddpm_scheduler,
 )
+from anomalib_diffusion.components.border import band_moments, border_bands_problem
 from anomalib_diffusion.components.features import (
     EfficientNetLite0Features,
     UNetEncoderFeatures,
@@ -91,6 +95,7 @@ class GLADModel(nn.Module):
         top_k_fraction: Share of the highest map values averaged into a discrepancy or a score.
         anomaly_map_sigma: Standard deviation of the Gaussian smoothing of the anomaly map.
         noise_seed: Seed of the fixed inference noise.
+        border_bands: Border bands of the anomaly map's standardisation (``1``: one mean and spread).
     """
 
     def __init__(
@@ -108,10 +113,17 @@ class GLADModel(nn.Module):
         top_k_fraction: float = 0.01,
         anomaly_map_sigma: float = 4.0,
         noise_seed: int = 0,
+        border_bands: int = 16,
     ) -> None:
         super().__init__()
         _check_inference_config(
-            num_inference_steps, start_timestep, min_timestep, feature_extractor, top_k_fraction, neighbourhood_radius
+            num_inference_steps,
+            start_timestep,
+            min_timestep,
+            feature_extractor,
+            top_k_fraction,
+            neighbourhood_radius,
+            border_bands,
         )
         self.unet_config = unet
         self.unet = build_unet(unet)
@@ -143,6 +155,8 @@ class GLADModel(nn.Module):
             self.features = EfficientNetLite0Features(feature_layers)
         self.inference_noise = FixedNoise(unet.in_channels, noise_seed)
         self.blur = SeparableGaussianBlur(anomaly_map_sigma)
+        # Mean 0 and spread 1 until calibration fits them: the plain blurred distance.
+        self.map_statistics = BorderStandardiser(1, border_bands)
         steps = len(self.search_timesteps)
         # Calibrated at the end of fitting on held-out normal training images (see GLAD.calibrate).
         self.register_buffer("tau", torch.full((steps,), torch.inf))
@@ -197,12 +211,26 @@ class GLADModel(nn.Module):
 
     def forward(self, images: torch.Tensor) -> InferenceBatch:
         """``(B, 3, H, W)`` images in ``[0, 1]`` -> ``InferenceBatch(pred_score, anomaly_map)``."""
+        anomaly_map = self.map_statistics(self.smoothed_distance(images))
+        return InferenceBatch(pred_score=self.top_k_mean(anomaly_map), anomaly_map=anomaly_map)
+
+    def smoothed_distance(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, H, W)``: the blurred distance between the images (in ``[0, 1]``) and their reconstruction."""
         samples = self.pad(images * 2 - 1)
         reconstruction = self.reconstruct(samples).reconstruction
         height, width = images.shape[-2:]
-        distance = self.distance_map(samples, reconstruction)[..., :height, :width]
-        anomaly_map = self.blur(distance)
-        return InferenceBatch(pred_score=self.top_k_mean(anomaly_map), anomaly_map=anomaly_map)
+        return self.blur(self.distance_map(samples, reconstruction)[..., :height, :width])
+
+    def map_moments(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, border_bands, 2)``: :func:`band_moments` of the smoothed distance (what calibration fits on)."""
+        return band_moments(self.smoothed_distance(images), self.map_statistics.bands)
+
+    def _load_from_state_dict(self, state_dict: dict[str, torch.Tensor], prefix: str, *args: object) -> None:
+        """Checkpoints from before the border standardisation scored the plain blurred distance (mean 0, spread 1)."""
+        if prefix + "tau" in state_dict and prefix + "map_statistics.mean" not in state_dict:
+            state_dict[prefix + "map_statistics.mean"] = torch.zeros_like(self.map_statistics.mean)
+            state_dict[prefix + "map_statistics.std"] = torch.ones_like(self.map_statistics.std)
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def pad(self, samples: torch.Tensor) -> torch.Tensor:
         """Replicate-pad to a multiple of the U-Net's downsampling factor (crop the outputs back)."""
@@ -279,6 +307,7 @@ def _check_inference_config(
     feature_extractor: str,
     top_k_fraction: float,
     neighbourhood_radius: int,
+    border_bands: int = 1,
 ) -> None:
     """Reject settings that would otherwise fail deep inside torch or diffusers, naming every problem."""
     problems = []
@@ -294,6 +323,8 @@ def _check_inference_config(
         problems.append(f"top_k_fraction={top_k_fraction} must be in (0, 1]")
     if neighbourhood_radius < 0:
         problems.append(f"neighbourhood_radius={neighbourhood_radius} must be 0 or more")
+    if problem := border_bands_problem(border_bands):
+        problems.append(problem)
     if problems:
         msg = "Invalid GLAD configuration: " + "; ".join(problems) + "."
         raise ValueError(msg)
