@@ -145,6 +145,72 @@ class TestDefectGenerator:
         )
         torch.testing.assert_close(output, (wanted + 1) / 2, atol=1e-4, rtol=0)
 
+    def test_repaint_keeps_the_unet_s_surroundings_on_the_background_s_noising_path(self) -> None:
+        """With ``repaint`` every U-Net call sees, outside the mask, the background noised to its step (RePaint)."""
+        seen = []
+
+        def recorder(sample: torch.Tensor, timestep: int, *args: object) -> torch.Tensor:
+            del args
+            seen.append((timestep, sample.clone()))
+            return torch.zeros_like(sample)
+
+        background = torch.rand(2, 3, 32, 32)
+        masks = torch.zeros(2, 1, 32, 32)
+        masks[:, :, 8:20, 8:20] = 1
+        outside = masks.expand(2, 3, 32, 32) == 0
+        noise = torch.randn(background.shape, generator=torch.Generator().manual_seed(0))
+        for repaint in (True, False):
+            torch.manual_seed(0)
+            generator = DefectGenerator(UNET, num_inference_steps=5, repaint=repaint).eval()
+            generator.forward = recorder
+            seen.clear()
+            generator.generate(background, masks, torch.tensor([0, 1]), torch.Generator().manual_seed(0))
+            assert [timestep for timestep, _ in seen] == generator.scheduler.timesteps.tolist()
+            on_path = []
+            for timestep, sample in seen:
+                alpha = generator.train_scheduler.alphas_cumprod[timestep]
+                path = alpha.sqrt() * (background * 2 - 1) + (1 - alpha).sqrt() * noise
+                on_path.append(torch.allclose(sample[outside], path[outside], atol=1e-5))
+                if repaint:
+                    assert (sample[~outside] - path[~outside]).abs().mean() > 0.01 or timestep == seen[0][0]
+            assert all(on_path) if repaint else not any(on_path[1:])
+
+    def test_guidance_learns_a_null_type_and_extrapolates_from_it(self) -> None:
+        torch.manual_seed(0)
+        generator = DefectGenerator(UNET, num_inference_steps=3, guidance_scale=3.0)
+        assert tiny_generator().unet.config.num_class_embeds == 4
+        assert generator.unet.config.num_class_embeds == 5
+        assert generator.null_type == 4
+        labels = []
+        original = generator.forward
+
+        def recorder(*args: torch.Tensor) -> torch.Tensor:
+            labels.append(args[-1].clone())
+            return original(*args)
+
+        generator.forward = recorder
+        masks = torch.ones(400, 1, 32, 32)
+        generator.loss(
+            torch.rand(400, 3, 32, 32), torch.rand(400, 3, 32, 32), masks, torch.zeros(400, dtype=torch.long)
+        )
+        dropped = (labels[0] == 4).float().mean()
+        assert 0.05 < dropped < 0.15, f"about 10 % of the types dropped, got {dropped:.3f}"
+        assert set(labels[0].tolist()) == {0, 4}
+
+        def by_type(
+            noisy: torch.Tensor, timestep: int, background: torch.Tensor, masks: torch.Tensor, types: torch.Tensor
+        ) -> torch.Tensor:
+            del timestep, background, masks
+            return torch.where(types.view(-1, 1, 1, 1) == 4, 0.1, 0.2).expand_as(noisy)
+
+        generator.forward = by_type
+        guided = generator.guided(
+            torch.zeros(2, 3, 32, 32), 10, torch.zeros(2, 3, 32, 32), masks[:2], torch.tensor([0, 1])
+        )
+        torch.testing.assert_close(guided, torch.full_like(guided, 0.1 + 3.0 * (0.2 - 0.1)))
+        with pytest.raises(ValueError, match=r"guidance_scale=0\.5 must be at least 1"):
+            DefectGenerator(UNET, guidance_scale=0.5)
+
 
 class TestDetector:
     @pytest.mark.parametrize("size", [(64, 64), (50, 70)])
@@ -212,6 +278,7 @@ class TestDADDAConfig:
             ({"generation_strength": 0.0}, r"generation_strength=0.0 must be in \(0, 1\]"),
             ({"detector_crop": 32}, "detector_crop=32 must be at least patch_size=64"),
             ({"generator_target": "noise"}, "generator_target='noise' must be one of 'epsilon', 'sample'"),
+            ({"generator_guidance": 0.0}, "generator_guidance=0.0 must be at least 1"),
         ],
     )
     def test_bad_settings_are_named(self, settings: dict, named: str) -> None:

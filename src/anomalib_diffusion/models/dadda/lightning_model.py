@@ -94,9 +94,16 @@ class DADDA(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
             noised to that share of the schedule (SDEdit), so only the steps below it run; the
             generator redraws the defect keeping its coarse look. Types the site holds no real
             example of are always drawn from pure noise.
+        generation_repaint: After every sampling step put the pixels outside the mask back on the
+            background's own noising path (RePaint's known-region replacement). ``False``: the U-Net's
+            own prediction carries them from step to step.
         defect_weight: Extra generator loss weight inside the defect mask.
         generator_target: What the generator's U-Net learns to predict: ``"epsilon"`` (the noise),
             ``"sample"`` (the clean defective crop) or ``"v_prediction"`` (the velocity).
+        generator_guidance: Classifier-free guidance scale of the generator. ``1.0``: none. Above 1 the
+            generator also learns a null type (the type is dropped on 10 % of its training crops) and
+            samples ``f(null) + generator_guidance * (f(type) - f(null))``, which strengthens what sets a
+            type apart, at twice the U-Net calls per sampling step.
         detector_width: Base channel width of the detector (anomalib's DRAEM segmentation network).
         defect_types: Defect type names in index order. ``None`` takes the types of the real
             defects found at fit time (sorted); federated sites pass the same list so indices agree.
@@ -133,6 +140,8 @@ class DADDA(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
         "layers_per_block",
         "detector_width",
         "max_defect_types",
+        "generator_target",
+        "generator_guidance",
     )
 
     def __init__(
@@ -144,8 +153,10 @@ class DADDA(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
         layers_per_block: int = 1,
         generation_steps: int = 20,
         generation_strength: float = 1.0,
+        generation_repaint: bool = False,
         defect_weight: float = 4.0,
         generator_target: str = "epsilon",
+        generator_guidance: float = 1.0,
         detector_width: int = 16,
         defect_types: Sequence[str] | None = None,
         max_defect_types: int = 16,
@@ -183,6 +194,7 @@ class DADDA(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
             generation_strength,
             patch_size,
             generator_target,
+            generator_guidance,
         )
         if pre_processor is True:
             pre_processor = self.configure_pre_processor(image_size)
@@ -226,6 +238,8 @@ class DADDA(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
             defect_weight=defect_weight,
             top_k_fraction=top_k_fraction,
             generator_target=generator_target,
+            generator_guidance=generator_guidance,
+            generation_repaint=generation_repaint,
         )
         self.dam: DataAugmentationModule | None = None
         # The generator's defects that the detector trains on (built when the detector phase starts).
@@ -779,12 +793,11 @@ def _check_dadda_config(
     generation_strength: float = 1.0,
     patch_size: int = 64,
     generator_target: str = "epsilon",
+    generator_guidance: float = 1.0,
 ) -> None:
-    problems = _generation_problems(generated_pool, detector_crop, generation_strength, patch_size)
-    if generator_target not in GENERATOR_TARGETS:
-        problems.append(
-            f"generator_target={generator_target!r} must be one of {', '.join(map(repr, GENERATOR_TARGETS))}"
-        )
+    problems = _generation_problems(
+        generated_pool, detector_crop, generation_strength, patch_size, generator_target, generator_guidance
+    )
     if type_head_source not in {"both", "generated", "dam"}:
         problems.append(f"type_head_source={type_head_source!r} must be 'both', 'generated' or 'dam'")
     if generator_steps < 0:
@@ -813,8 +826,16 @@ def _generation_problems(
     detector_crop: int | None,
     generation_strength: float,
     patch_size: int,
+    generator_target: str,
+    generator_guidance: float,
 ) -> list[str]:
     problems = []
+    if generator_target not in GENERATOR_TARGETS:
+        problems.append(
+            f"generator_target={generator_target!r} must be one of {', '.join(map(repr, GENERATOR_TARGETS))}"
+        )
+    if not generator_guidance >= 1:
+        problems.append(f"generator_guidance={generator_guidance} must be at least 1 (1: no guidance)")
     if not 0 < generation_strength <= 1:
         problems.append(f"generation_strength={generation_strength} must be in (0, 1]")
     if generated_pool < 0:

@@ -16,6 +16,8 @@ IEEE Systems Journal, 2025. Only the abstract is public; the networks below are 
   defects) over the detector's encoder features averaged inside a defect mask.
 """
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F  # noqa: N812
 from anomalib.data import InferenceBatch
@@ -30,6 +32,8 @@ from anomalib_diffusion.components.features import top_k_mean
 NUM_TRAIN_TIMESTEPS = 1000
 # What the generator's U-Net predicts (diffusers' ``prediction_type``).
 GENERATOR_TARGETS = ("epsilon", "sample", "v_prediction")
+# Share of training crops whose defect type is dropped (the null type) when the generator uses guidance.
+TYPE_DROPOUT = 0.1
 # DRAEM's segmentation network halves its input five times.
 DETECTOR_FACTOR = 32
 
@@ -44,12 +48,21 @@ class DefectGenerator(nn.Module):
     the noise ``eps`` (``"epsilon"``), the clean crop ``x0`` (``"sample"``) or the velocity
     ``sqrt(abar) eps - sqrt(1 - abar) x0`` (``"v_prediction"``).
 
+    With ``guidance_scale`` above 1 (classifier-free guidance, Ho and Salimans, 2022) the U-Net has one more
+    class embedding, the null type; training replaces the type by it on ``TYPE_DROPOUT`` of the crops, and
+    sampling follows ``f(null) + guidance_scale * (f(c) - f(null))``, which strengthens what sets a type apart.
+
     Args:
         unet: Shape of the U-Net; ``in_channels``/``out_channels`` are set here (7 in, 3 out) and
             ``num_class_embeds`` must be the number of defect types it can be conditioned on.
         num_inference_steps: DDIM steps when sampling.
         defect_weight: Extra loss weight inside the mask.
         prediction_type: What the U-Net predicts, one of ``GENERATOR_TARGETS``.
+        repaint: After every sampling step put the pixels outside the mask back on the background's own
+            noising path (``sqrt(abar) b + sqrt(1 - abar) eps`` with the sampling's starting noise ``eps``;
+            Lugmayr et al., RePaint, 2022), so that the U-Net sees around the defect what it saw in training.
+            Without it only the U-Net's own prediction carries the surroundings from step to step.
+        guidance_scale: Classifier-free guidance scale; ``1.0`` is plain conditional sampling (no null type).
     """
 
     def __init__(
@@ -58,6 +71,8 @@ class DefectGenerator(nn.Module):
         num_inference_steps: int = 20,
         defect_weight: float = 4.0,
         prediction_type: str = "epsilon",
+        guidance_scale: float = 1.0,
+        repaint: bool = False,
     ) -> None:
         super().__init__()
         if not unet.num_class_embeds:
@@ -66,7 +81,16 @@ class DefectGenerator(nn.Module):
         if prediction_type not in GENERATOR_TARGETS:
             msg = f"prediction_type={prediction_type!r} must be one of {list(GENERATOR_TARGETS)}."
             raise ValueError(msg)
+        if guidance_scale < 1:
+            msg = f"guidance_scale={guidance_scale} must be at least 1 (1: no guidance)."
+            raise ValueError(msg)
         self.unet_config = unet
+        self.guidance_scale = guidance_scale
+        self.repaint = repaint
+        # The null type of classifier-free guidance is one more class embedding, after the real types.
+        self.null_type = unet.num_class_embeds if guidance_scale > 1 else None
+        if self.null_type is not None:
+            unet = replace(unet, num_class_embeds=unet.num_class_embeds + 1)
         self.unet = build_unet(unet)
         self.train_scheduler = make_ddpm_scheduler(
             num_train_timesteps=NUM_TRAIN_TIMESTEPS, prediction_type=prediction_type
@@ -88,6 +112,35 @@ class DefectGenerator(nn.Module):
         inputs = torch.cat([noisy, background * (1 - masks), masks], dim=1)
         return self.unet(inputs, timesteps, class_labels=defect_types).sample
 
+    def _known_region(
+        self, sample: torch.Tensor, condition: torch.Tensor, noise: torch.Tensor, masks: torch.Tensor, timestep: int
+    ) -> torch.Tensor:
+        """``sample`` inside the mask; outside, ``condition`` noised to ``timestep`` with ``noise`` (RePaint)."""
+        step = torch.full((sample.shape[0],), timestep, device=sample.device)
+        return masks * sample + (1 - masks) * self.train_scheduler.add_noise(condition, noise, step)
+
+    def guided(
+        self,
+        noisy: torch.Tensor,
+        timestep: int,
+        background: torch.Tensor,
+        masks: torch.Tensor,
+        defect_types: torch.Tensor,
+    ) -> torch.Tensor:
+        """The prediction sampling follows: conditional, or classifier-free guided when ``guidance_scale`` > 1."""
+        if self.null_type is None:
+            return self(noisy, timestep, background, masks, defect_types)
+        null = torch.full_like(defect_types, self.null_type)
+        both = self(
+            noisy.repeat(2, 1, 1, 1),
+            timestep,
+            background.repeat(2, 1, 1, 1),
+            masks.repeat(2, 1, 1, 1),
+            torch.cat([defect_types, null]),
+        )
+        conditional, unconditional = both.chunk(2)
+        return unconditional + self.guidance_scale * (conditional - unconditional)
+
     def loss(
         self,
         defective: torch.Tensor,
@@ -100,6 +153,9 @@ class DefectGenerator(nn.Module):
         noise = torch.randn_like(clean)
         timesteps = torch.randint(0, NUM_TRAIN_TIMESTEPS, (clean.shape[0],), device=clean.device)
         noisy = self.train_scheduler.add_noise(clean, noise, timesteps)
+        if self.null_type is not None:
+            dropped = torch.rand(defect_types.shape, device=defect_types.device) < TYPE_DROPOUT
+            defect_types = defect_types.masked_fill(dropped, self.null_type)
         predicted = self(noisy, timesteps, background * 2 - 1, masks, defect_types)
         if self.prediction_type == "sample":
             target = clean
@@ -139,9 +195,14 @@ class DefectGenerator(nn.Module):
             timesteps = timesteps[timesteps < strength * NUM_TRAIN_TIMESTEPS]
             start = timesteps[:1].expand(background.shape[0]).to(background.device)
             sample = self.train_scheduler.add_noise(init * 2 - 1, noise, start)
-        for timestep in timesteps:
-            predicted = self(sample, int(timestep), condition, masks, defect_types)
+        following = [*timesteps[1:].tolist(), 0]
+        if self.repaint:
+            sample = self._known_region(sample, condition, noise, masks, int(timesteps[0]))
+        for timestep, next_timestep in zip(timesteps, following, strict=True):
+            predicted = self.guided(sample, int(timestep), condition, masks, defect_types)
             sample = self.scheduler.step(predicted, timestep, sample, eta=0.0).prev_sample
+            if self.repaint:
+                sample = self._known_region(sample, condition, noise, masks, next_timestep)
         composed = masks * sample + (1 - masks) * condition
         return ((composed + 1) / 2).clamp(0, 1)
 
@@ -186,6 +247,8 @@ class DADDAModel(nn.Module):
         generation_steps: DDIM steps of the generator.
         defect_weight: Generator loss weight inside the mask.
         generator_target: What the generator's U-Net predicts (``DefectGenerator``'s ``prediction_type``).
+        generator_guidance: The generator's classifier-free guidance scale (1: none).
+        generation_repaint: Sample with RePaint's known-region replacement (``DefectGenerator``'s ``repaint``).
         top_k_fraction: Share of the highest anomaly-map values averaged into the image score.
     """
 
@@ -198,9 +261,13 @@ class DADDAModel(nn.Module):
         defect_weight: float = 4.0,
         top_k_fraction: float = 0.01,
         generator_target: str = "epsilon",
+        generator_guidance: float = 1.0,
+        generation_repaint: bool = False,
     ) -> None:
         super().__init__()
-        self.generator = DefectGenerator(generator_unet, generation_steps, defect_weight, generator_target)
+        self.generator = DefectGenerator(
+            generator_unet, generation_steps, defect_weight, generator_target, generator_guidance, generation_repaint
+        )
         self.detector = DefectDetector(detector_width)
         self.max_defect_types = max_defect_types
         self.top_k_fraction = top_k_fraction
