@@ -33,6 +33,8 @@ gave on the tuning half (bump-relief, melt, vegetal); the held-out half is measu
         --run '{"tag": "k3_eps_cfg3_150", "generator_steps": 150, "detector_steps": 150, "generator_guidance": 3.0}'
     python benchmarks/dadda_tuning.py --root datasets/devbench --categories bump-relief --k 3 --head-strengths 1.0 \
         --run '{"tag": "k3_gen600_150", "generator_steps": 600, "detector_steps": 150}'
+    python benchmarks/dadda_tuning.py --root datasets/devbench --categories bump-relief vegetal --k 3 \
+        --head-strengths 1.0 --run '{"tag": "k3_alpha_150", "generator_steps": 150, "detector_steps": 150, "blending": "alpha"}'
 
 (``generated_pool`` 32, ``detector_crop`` 128 and ``generator_target`` ``"epsilon"`` are the defaults. Only the
 vegetal and ``generator_target`` runs were made after the pool was seeded from the generator's weights (commit
