@@ -23,20 +23,21 @@ gave on the tuning half (bump-relief, melt, vegetal); the held-out half is measu
     python benchmarks/dadda_tuning.py --root datasets/devbench --categories bump-relief vegetal --k 3 \\
         --head-strengths 1.0 --run '{"tag": "k3_sample_150", "generator_steps": 150, "detector_steps": 150,
                                      "generator_target": "sample"}'
-    python benchmarks/dadda_tuning.py --root datasets/devbench --categories bump-relief vegetal --k 3 \
-        --head-strengths 1.0 \
+    python benchmarks/dadda_tuning.py --root datasets/devbench --categories bump-relief vegetal --k 3 \\
+        --head-strengths 1.0 \\
         --run '{"tag": "k3_sample_repaint_150", "generator_steps": 150, "detector_steps": 150,
-                "generator_target": "sample", "generation_repaint": true}' \
+                "generator_target": "sample", "generation_repaint": true}' \\
         --run '{"tag": "k3_sample_repaint_cfg3_150", "generator_steps": 150, "detector_steps": 150,
-                "generator_target": "sample", "generation_repaint": true, "generator_guidance": 3.0}' \
-        --run '{"tag": "k3_eps_repaint_150", "generator_steps": 150, "detector_steps": 150, "generation_repaint": true}' \
+                "generator_target": "sample", "generation_repaint": true, "generator_guidance": 3.0}' \\
+        --run '{"tag": "k3_eps_repaint_150", "generator_steps": 150, "detector_steps": 150, "generation_repaint": true}' \\
         --run '{"tag": "k3_eps_cfg3_150", "generator_steps": 150, "detector_steps": 150, "generator_guidance": 3.0}'
-    python benchmarks/dadda_tuning.py --root datasets/devbench --categories bump-relief --k 3 --head-strengths 1.0 \
+    python benchmarks/dadda_tuning.py --root datasets/devbench --categories bump-relief --k 3 --head-strengths 1.0 \\
         --run '{"tag": "k3_gen600_150", "generator_steps": 600, "detector_steps": 150}'
-    python benchmarks/dadda_tuning.py --root datasets/devbench --categories bump-relief vegetal --k 3 \
+    python benchmarks/dadda_tuning.py --root datasets/devbench --categories bump-relief vegetal --k 3 \\
         --head-strengths 1.0 --run '{"tag": "k3_alpha_150", "generator_steps": 150, "detector_steps": 150, "blending": "alpha"}'
 
-(``generated_pool`` 32, ``detector_crop`` 128 and ``generator_target`` ``"epsilon"`` are the defaults. Only the
+(``generated_pool`` 32, ``detector_crop`` 128, ``generator_target`` ``"epsilon"``, ``generation_repaint`` false,
+``generator_guidance`` 1 and ``blending`` ``"mixed"`` are the defaults. Only the
 vegetal and ``generator_target`` runs were made after the pool was seeded from the generator's weights (commit
 dd16c9b); the others drew it from the global random stream, so a rerun of them draws another pool of the same kind.)
 """

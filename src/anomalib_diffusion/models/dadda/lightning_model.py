@@ -66,7 +66,7 @@ from anomalib_diffusion.components import (
 )
 from anomalib_diffusion.data.few_defects import defect_type_of
 
-from .torch_model import GENERATOR_TARGETS, DADDAModel, crop_at, defect_crop_boxes, paste_at
+from .torch_model import DADDAModel, crop_at, defect_crop_boxes, generator_problems, paste_at
 from .type_head import DefectTypeStatistics, pooled_type_head
 
 __all__ = ["DADDA"]
@@ -829,13 +829,7 @@ def _generation_problems(
     generator_target: str,
     generator_guidance: float,
 ) -> list[str]:
-    problems = []
-    if generator_target not in GENERATOR_TARGETS:
-        problems.append(
-            f"generator_target={generator_target!r} must be one of {', '.join(map(repr, GENERATOR_TARGETS))}"
-        )
-    if not generator_guidance >= 1:
-        problems.append(f"generator_guidance={generator_guidance} must be at least 1 (1: no guidance)")
+    problems = generator_problems(generator_target, generator_guidance, "generator_target", "generator_guidance")
     if not 0 < generation_strength <= 1:
         problems.append(f"generation_strength={generation_strength} must be in (0, 1]")
     if generated_pool < 0:

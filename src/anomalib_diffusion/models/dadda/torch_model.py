@@ -38,6 +38,21 @@ TYPE_DROPOUT = 0.1
 DETECTOR_FACTOR = 32
 
 
+def generator_problems(
+    target: str,
+    guidance: float,
+    target_name: str = "prediction_type",
+    guidance_name: str = "guidance_scale",
+) -> list[str]:
+    """What is wrong with a generator's prediction target and guidance scale, under the caller's argument names."""
+    problems = []
+    if target not in GENERATOR_TARGETS:
+        problems.append(f"{target_name}={target!r} must be one of {', '.join(map(repr, GENERATOR_TARGETS))}")
+    if not guidance >= 1:
+        problems.append(f"{guidance_name}={guidance} must be at least 1 (1: no guidance)")
+    return problems
+
+
 class DefectGenerator(nn.Module):
     """Synthesises a defect of a given type inside a mask on a normal image (crops in ``[0, 1]``).
 
@@ -78,11 +93,9 @@ class DefectGenerator(nn.Module):
         if not unet.num_class_embeds:
             msg = "The defect generator's UNetConfig needs num_class_embeds (the number of defect types)."
             raise ValueError(msg)
-        if prediction_type not in GENERATOR_TARGETS:
-            msg = f"prediction_type={prediction_type!r} must be one of {list(GENERATOR_TARGETS)}."
-            raise ValueError(msg)
-        if guidance_scale < 1:
-            msg = f"guidance_scale={guidance_scale} must be at least 1 (1: no guidance)."
+        problems = generator_problems(prediction_type, guidance_scale)
+        if problems:
+            msg = "; ".join(problems) + "."
             raise ValueError(msg)
         self.unet_config = unet
         self.guidance_scale = guidance_scale
