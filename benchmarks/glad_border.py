@@ -36,7 +36,7 @@ from lightning import seed_everything
 from sklearn.metrics import roc_auc_score
 from torch.utils.data import DataLoader
 
-from anomalib_diffusion.components import FixedNoise
+from anomalib_diffusion.components import FixedNoiseDraws
 from anomalib_diffusion.components.border import BorderStandardiser, band_moments, border_bands
 from anomalib_diffusion.models import GLAD
 
@@ -86,8 +86,8 @@ def measure(root: Path, category: str, max_steps: int, seed: int) -> dict:
     seed_everything(seed, workers=True)
     data = datamodule(root, category, seed, batch=8)
     # One band and no hold-out: the U-Net trains on every training image, and the map is the plain smoothed distance
-    # (one band's standardisation is a monotone rescaling; no AUROC below depends on it).
-    model = GLAD(max_steps=max_steps, border_bands=1, calibration_fraction=0.0)
+    # (one band's standardisation is a monotone rescaling; no AUROC below depends on it); one noise draw, as then.
+    model = GLAD(max_steps=max_steps, border_bands=1, calibration_fraction=0.0, noise_draws=1)
     start = time.perf_counter()
     engine(Path("runs/glad_border") / category).fit(model=model, datamodule=data)
     fit_seconds = time.perf_counter() - start
@@ -121,7 +121,7 @@ def measure(root: Path, category: str, max_steps: int, seed: int) -> dict:
         result[f"bands{bands}"] = aurocs(standardiser(maps))
     noise = model.model.inference_noise
     for noise_seed in NOISE_SEEDS:
-        model.model.inference_noise = FixedNoise(3, noise_seed) if noise_seed else noise
+        model.model.inference_noise = FixedNoiseDraws(3, noise_seed) if noise_seed else noise
         for padding in PADDINGS:
             padded = maps if padding == noise_seed == 0 else smoothed_maps(model, data.test_dataloader(), padding)[0]
             result[f"seed{noise_seed}-reflect{padding}"] = aurocs(padded)

@@ -7,7 +7,8 @@ prediction. This script measures both, in the same process, on the same CPU:
 - for each image size (``--sizes``), RADAR with its defaults, and GLAD with each DDIM step
   spacing in ``--steps`` (``num_inference_steps``; the start and search range stay at their defaults,
   so with the defaults 5 spacing steps mean 4 U-Net calls in the reconstruction and 10 mean 8), each
-  with plain DDIM (the default) and with ADS + SAFF (``adaptive_steps``);
+  with plain DDIM (the default) and with ADS + SAFF (``adaptive_steps``); plain DDIM also with each
+  number of fixed noise draws in ``--draws`` above 1 (``noise_draws``: one reconstruction per draw, in one batch);
 - latency of one image (batch 1, median of ``--runs`` after ``--warmup`` untimed runs) in
   torch eager and in OpenVINO FP32 (``anomalib``'s ``to_openvino`` export, compiled with
   ``INFERENCE_PRECISION_HINT=f32``), each also as a multiple of RADAR's latency at that size.
@@ -47,12 +48,14 @@ from common import OPENVINO_CONFIG, generated_line, machine_line, markdown_table
 REPORT = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "glad_latency.md"
 _GLAD_DEFAULTS = inspect.signature(GLAD.__init__).parameters
 START, MINIMUM = _GLAD_DEFAULTS["start_timestep"].default, _GLAD_DEFAULTS["min_timestep"].default
+DEFAULTS = tuple(_GLAD_DEFAULTS[name].default for name in ("num_inference_steps", "adaptive_steps", "noise_draws"))
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[128, 256, 384], help="square image sides")
     parser.add_argument("--steps", type=int, nargs="+", default=[5, 10, 20], help="GLAD num_inference_steps values")
+    parser.add_argument("--draws", type=int, nargs="+", default=[1], help="GLAD noise_draws values (plain DDIM)")
     parser.add_argument("--runs", type=int, default=None, help="timed runs per cell (default 10; --quick: 2)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs before timing")
     parser.add_argument("--output", default=None, help=f"report path ('-' prints only; default {REPORT})")
@@ -60,8 +63,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def fitted_glad(size: int, steps: int, adaptive: bool) -> GLAD:
-    model = GLAD(image_size=size, num_inference_steps=steps, adaptive_steps=adaptive, visualizer=False).eval()
+def fitted_glad(size: int, steps: int, adaptive: bool, draws: int = 1) -> GLAD:
+    model = GLAD(
+        image_size=size, num_inference_steps=steps, adaptive_steps=adaptive, noise_draws=draws, visualizer=False
+    ).eval()
     model.model.tau.fill_(0.5)
     model.model.ramp_high.fill_(1.0)
     model.model.fitted.fill_(True)
@@ -120,11 +125,16 @@ def main(argv: Sequence[str] | None = None) -> None:
                     "1.0",
                 ]
             )
-            for steps, adaptive in itertools.product(step_values, (False, True)):
-                model = fitted_glad(size, steps, adaptive)
-                calls = len(model.model.timesteps)
-                variant = "ADS + SAFF" if adaptive else "plain DDIM, the default"
-                glad = measure(model, size, work, f"glad{size}_{steps}_{int(adaptive)}", args.warmup, runs)
+            for steps, adaptive, draws in itertools.product(step_values, (False, True), sorted({1, *args.draws})):
+                if adaptive and draws > 1:
+                    continue
+                model = fitted_glad(size, steps, adaptive, draws)
+                calls = len(model.model.timesteps) * draws
+                variant = ("ADS + SAFF" if adaptive else "plain DDIM") + (f", noise_draws={draws}" if draws > 1 else "")
+                if (steps, adaptive, draws) == DEFAULTS:
+                    variant += ", the default"
+                name = f"glad{size}_{steps}_{int(adaptive)}_{draws}"
+                glad = measure(model, size, work, name, args.warmup, runs)
                 print(f"GLAD {size} steps={steps} {variant} ({calls} U-Net calls): {glad}", flush=True)
                 rows.append(
                     [

@@ -9,8 +9,9 @@ import pytest
 import torch
 from anomalib.data import ImageBatch, InferenceBatch
 
-from anomalib_diffusion.components import UNetConfig
+from anomalib_diffusion.components import FixedNoise, UNetConfig
 from anomalib_diffusion.components.border import border_bands
+from anomalib_diffusion.components.checkpoints import CHECKPOINT_KEY
 from anomalib_diffusion.components.features import (
     UNetEncoderFeatures,
     neighbourhood_cosine_distance,
@@ -21,7 +22,8 @@ from anomalib_diffusion.models.glad import GLADModel
 from tests.conftest import TINY_GLAD
 
 UNET = UNetConfig(sample_size=32, block_out_channels=(8, 16), attention_resolutions=(16,))
-# DDIM every 200 steps from 600: timesteps [600, 400, 200, 0], search steps [400] (the search starts after the start step).
+# DDIM every 200 steps from 600: timesteps [600, 400, 200] (the last returns its clean estimate), search steps [400]
+# (the search starts after the start step and stops at min_timestep).
 STEPS = {"num_inference_steps": 5, "start_timestep": 600, "min_timestep": 300}
 
 
@@ -76,7 +78,7 @@ class TestAnomalyAwareTraining:
 class TestAdaptiveReconstruction:
     def test_schedule(self) -> None:
         model = tiny_model()
-        assert model.timesteps == [600, 400, 200, 0]
+        assert model.timesteps == [600, 400, 200]
         assert model.search_timesteps == [400]
         assert tiny_model(adaptive=False).search_timesteps == []
 
@@ -98,6 +100,28 @@ class TestAdaptiveReconstruction:
             second = model(images)
         assert torch.equal(first.anomaly_map, second.anomaly_map)
         assert torch.equal(first.pred_score, second.pred_score)
+
+    @pytest.mark.parametrize("adaptive", [False, True])
+    def test_several_noise_draws_average_the_distance_maps_of_the_seeds(self, adaptive: bool) -> None:
+        images = torch.rand(2, 3, 32, 32)
+        with torch.no_grad():
+            averaged = tiny_model(adaptive=adaptive, noise_draws=3, noise_seed=5).smoothed_distance(images)
+            single = [
+                tiny_model(adaptive=adaptive, noise_draws=1, noise_seed=seed).smoothed_distance(images)
+                for seed in (5, 6, 7)
+            ]
+        torch.testing.assert_close(averaged, sum(single) / 3, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(single[0], single[1])  # the draws differ, so the average is not one of them
+
+    def test_the_last_step_returns_its_clean_estimate_as_a_step_down_to_zero_would(self) -> None:
+        """Dropping DDIM's step at t = 0 changes the reconstruction by at most the 1 % of noise it would remove."""
+        model = tiny_model(adaptive=False, noise_draws=1)
+        batch = samples(2)
+        with torch.no_grad():
+            without_zero = model.reconstruct(batch).reconstruction
+            model.timesteps = [*model.timesteps, 0]
+            with_zero = model.reconstruct(batch).reconstruction
+        assert 0 < (with_zero - without_zero).abs().max() < 0.05
 
     def test_each_sample_is_reconstructed_independently_of_the_batch(self) -> None:
         model = tiny_model()
@@ -173,6 +197,8 @@ class TestAdaptiveReconstruction:
             ({"num_inference_steps": 0}, "num_inference_steps=0"),
             ({"min_timestep": 650, "start_timestep": 699}, "No DDIM step after the start"),
             ({"border_bands": True}, "border_bands=True must be an integer"),
+            ({"noise_draws": 0}, "noise_draws=0 must be an integer of at least 1"),
+            ({"start_timestep": 150, "min_timestep": 100}, "No DDIM step above 0 lies at or below start_timestep=150"),
         ],
     )
     def test_invalid_settings_are_named(self, settings: dict, named: str) -> None:
@@ -259,7 +285,8 @@ class TestFeatures:
 class TestGLADModule:
     def test_defaults_build(self) -> None:
         model = GLAD()
-        assert model.model.timesteps == [600, 400, 200, 0]
+        assert model.model.timesteps == [600, 400, 200]
+        assert len(model.model.inference_noise) == 2
         assert model.model.search_timesteps == []  # plain DDIM: ADS + SAFF are opt-in
         assert GLAD(adaptive_steps=True).model.search_timesteps == [400, 200]
         assert not model.is_fitted()
@@ -278,6 +305,19 @@ class TestGLADModule:
     def test_invalid_settings_are_named(self, settings: dict, named: str) -> None:
         with pytest.raises(ValueError, match=named):
             GLAD(**(TINY_GLAD | settings))
+
+    @pytest.mark.parametrize(("saved", "draws"), [(None, 1), (2, 2)])
+    def test_a_checkpoint_from_before_noise_draws_scores_with_the_one_draw_it_was_calibrated_on(
+        self, saved: int | None, draws: int
+    ) -> None:
+        model = GLAD(**TINY_GLAD)
+        hyper_parameters = {name: value for name, value in model.hparams.items() if name != "noise_draws"}
+        if saved is not None:
+            hyper_parameters["noise_draws"] = saved
+        model.on_load_checkpoint({CHECKPOINT_KEY: {"model": "GLAD"}, "hyper_parameters": hyper_parameters})
+        assert len(model.model.inference_noise) == draws
+        assert model.hparams["noise_draws"] == draws
+        assert torch.equal(model.model.inference_noise[0].tile, FixedNoise(3, model.noise_seed).tile)
 
     def test_export_before_fitting_is_refused_and_writes_nothing(self, tmp_path: Path) -> None:
         model = GLAD(**TINY_GLAD)

@@ -13,7 +13,7 @@ from .lightning import (
     resize_pre_processor,
     size_pair,
 )
-from .noising import FixedNoise, make_ddpm_scheduler, noise_at_timestep, seeded_noise
+from .noising import FixedNoise, FixedNoiseDraws, make_ddpm_scheduler, noise_at_timestep, seeded_noise
 from .patches import extract_patches, grid_size, pad_to, random_patches, stitch_patches
 from .training_data import collect_training_features, training_images_loader
 from .unet import UNetConfig, as_int_tuple, build_unet
@@ -24,6 +24,7 @@ __all__ = [
     "CheckpointOwnerMixin",
     "FittedModuleMixin",
     "FixedNoise",
+    "FixedNoiseDraws",
     "HoldoutMixin",
     "SeparableGaussianBlur",
     "TensorIsolationForest",

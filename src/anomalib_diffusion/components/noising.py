@@ -70,3 +70,35 @@ class FixedNoise(nn.Module):
         side = self.tile.shape[-1]
         repeats = (1, 1, math.ceil(height / side), math.ceil(width / side))
         return self.tile.repeat(repeats)[..., :height, :width]
+
+
+class FixedNoiseDraws(nn.ModuleList):
+    """Several fixed noise draws (seeds ``seed``, ``seed + 1``, ...) whose results a model averages.
+
+    One draw of the fixed noise decides where a single reconstruction or noise map happens to deviate on a normal
+    image; averaging the maps of several draws lowers that variance, at one more U-Net pass per draw. The draws run
+    as one batch, draw-major: :meth:`batch` repeats the samples and stacks the noise, :meth:`average` folds the
+    results back.
+    """
+
+    def __init__(self, channels: int, seed: int, draws: int = 1) -> None:
+        if problem := noise_draws_problem(draws):
+            raise ValueError(problem)
+        super().__init__(FixedNoise(channels, seed + draw) for draw in range(draws))
+
+    def batch(self, samples: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, C, H, W)`` -> ``(draws * B, C, H, W)`` samples repeated draw-major, and each copy's noise."""
+        batch, _, height, width = samples.shape
+        noise = torch.cat([draw(height, width).expand(batch, -1, -1, -1) for draw in self])
+        return samples.repeat(len(self), 1, 1, 1), noise
+
+    def average(self, results: torch.Tensor) -> torch.Tensor:
+        """``(draws * B, ...)`` draw-major -> ``(B, ...)``: the mean over the draws."""
+        return results.reshape(len(self), -1, *results.shape[1:]).mean(dim=0)
+
+
+def noise_draws_problem(noise_draws: object) -> str | None:
+    """Why ``noise_draws`` is not a valid number of fixed noise draws, or ``None``."""
+    if isinstance(noise_draws, bool) or not isinstance(noise_draws, int) or noise_draws < 1:
+        return f"noise_draws={noise_draws!r} must be an integer of at least 1"
+    return None

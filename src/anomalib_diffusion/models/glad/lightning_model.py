@@ -12,6 +12,7 @@ Example:
     >>> engine.fit(model=GLAD(), datamodule=MVTecAD(root="datasets/demo", category="brick"))  # doctest: +SKIP
 """
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,6 +33,7 @@ from anomalib_diffusion.augmentation import PerlinAnomalySynthesis
 from anomalib_diffusion.components import (
     CheckpointOwnerMixin,
     FittedModuleMixin,
+    FixedNoiseDraws,
     HoldoutMixin,
     UNetConfig,
     as_int_tuple,
@@ -46,6 +48,8 @@ from anomalib_diffusion.components import (
 from .torch_model import FeatureExtractorName, GLADModel
 
 __all__ = ["GLAD"]
+
+logger = logging.getLogger(__name__)
 
 
 DEFAULT_IMAGE_SIZE = (256, 256)
@@ -103,6 +107,8 @@ class GLAD(CheckpointOwnerMixin, FittedModuleMixin, HoldoutMixin, AnomalibModule
         calibration_quantile: ``tau`` of each search step is this quantile of the held-out images'
             discrepancies there.
         noise_seed: Seed of the fixed inference noise and of the hold-out draw.
+        noise_draws: Fixed noise draws (seeds ``noise_seed``, ``noise_seed + 1``, ...) each reconstructed, their
+            distance maps averaged: a steadier map for ``noise_draws`` x the U-Net calls.
         pre_processor: ``True`` for the default (resize, no ImageNet normalisation), a
             pre-processor, or ``False``.
         post_processor: ``True`` for anomalib's default, a post-processor, or ``False``.
@@ -140,6 +146,7 @@ class GLAD(CheckpointOwnerMixin, FittedModuleMixin, HoldoutMixin, AnomalibModule
         "border_bands",
         "calibration_quantile",
         "noise_seed",
+        "noise_draws",
     )
 
     def __init__(
@@ -171,6 +178,7 @@ class GLAD(CheckpointOwnerMixin, FittedModuleMixin, HoldoutMixin, AnomalibModule
         calibration_fraction: float = 0.1,
         calibration_quantile: float = 0.95,
         noise_seed: int = 0,
+        noise_draws: int = 2,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
         evaluator: Evaluator | bool = True,
@@ -221,6 +229,7 @@ class GLAD(CheckpointOwnerMixin, FittedModuleMixin, HoldoutMixin, AnomalibModule
             anomaly_map_sigma=anomaly_map_sigma,
             noise_seed=noise_seed,
             border_bands=border_bands,
+            noise_draws=noise_draws,
         )
         self._ema: EMAModel | None = None
         self._stepped = False  # whether the last training_step produced a loss (and so an optimiser step)
@@ -314,7 +323,8 @@ class GLAD(CheckpointOwnerMixin, FittedModuleMixin, HoldoutMixin, AnomalibModule
         generator = torch.Generator().manual_seed(self.noise_seed)
 
         def record(images: torch.Tensor) -> torch.Tensor:
-            result = model.reconstruct(model.pad(images * 2 - 1), record=True)
+            samples, noise = model.inference_noise.batch(model.pad(images * 2 - 1))
+            result = model.reconstruct(samples, record=True, noise=noise)
             values = torch.stack([distance.flatten(1) for distance in result.distance_maps], dim=1)
             picked = torch.randperm(values.shape[-1], generator=generator)[:RAMP_SAMPLES_PER_IMAGE]
             return torch.cat([result.discrepancies[..., None], values[..., picked.to(values.device)]], dim=-1)
@@ -335,6 +345,21 @@ class GLAD(CheckpointOwnerMixin, FittedModuleMixin, HoldoutMixin, AnomalibModule
 
     def is_fitted(self) -> bool:
         return bool(self.model.fitted)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Checkpoints saved before ``noise_draws`` existed were calibrated on one draw: they score with one."""
+        super().on_load_checkpoint(checkpoint)
+        saved = checkpoint.get("hyper_parameters", {})
+        network = self.model
+        if saved and "noise_draws" not in saved and len(network.inference_noise) != 1:
+            logger.warning(
+                "This GLAD checkpoint was saved before noise_draws existed and was calibrated on one noise draw: "
+                "it scores with noise_draws=1 (train again for the current default, %d).",
+                len(network.inference_noise),
+            )
+            device = network.inference_noise[0].tile.device
+            network.inference_noise = FixedNoiseDraws(network.unet_config.in_channels, self.noise_seed).to(device)
+            self.hparams["noise_draws"] = 1
 
 
 def _check_glad_config(ema_decay: float, calibration_fraction: float, calibration_quantile: float) -> None:

@@ -40,7 +40,7 @@ from torch import nn
 
 from anomalib_diffusion.components import (
     BorderStandardiser,
-    FixedNoise,
+    FixedNoiseDraws,
     SeparableGaussianBlur,
     UNetConfig,
     build_unet,
@@ -54,6 +54,7 @@ from anomalib_diffusion.components.features import (
     pixel_gradient_distance,
     top_k_mean,
 )
+from anomalib_diffusion.components.noising import noise_draws_problem
 
 FeatureExtractorName = Literal["unet", "efficientnet_lite0"]
 NUM_TRAIN_TIMESTEPS = 1000
@@ -95,6 +96,8 @@ class GLADModel(nn.Module):
         top_k_fraction: Share of the highest map values averaged into a discrepancy or a score.
         anomaly_map_sigma: Standard deviation of the Gaussian smoothing of the anomaly map.
         noise_seed: Seed of the fixed inference noise.
+        noise_draws: Fixed noise draws (seeds ``noise_seed``, ``noise_seed + 1``, ...), each reconstructed; their
+            distance maps are averaged (``noise_draws`` x the U-Net calls).
         border_bands: Border bands of the anomaly map's standardisation (``1``: one mean and spread).
     """
 
@@ -114,6 +117,7 @@ class GLADModel(nn.Module):
         anomaly_map_sigma: float = 4.0,
         noise_seed: int = 0,
         border_bands: int = 16,
+        noise_draws: int = 2,
     ) -> None:
         super().__init__()
         _check_inference_config(
@@ -124,6 +128,7 @@ class GLADModel(nn.Module):
             top_k_fraction,
             neighbourhood_radius,
             border_bands,
+            noise_draws,
         )
         self.unet_config = unet
         self.unet = build_unet(unet)
@@ -133,7 +138,16 @@ class GLADModel(nn.Module):
         self.train_scheduler = make_ddpm_scheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS)
         self.scheduler = DDIMScheduler.from_config(self.train_scheduler.config, clip_sample=True, set_alpha_to_one=True)
         self.scheduler.set_timesteps(num_inference_steps)
-        self.timesteps = [int(t) for t in self.scheduler.timesteps if t <= start_timestep]
+        # The last step returns its clean estimate, so DDIM's step at t = 0 (which would only remove the
+        # sqrt(1 - abar_0) = 1 % of noise left) is not run: one U-Net call fewer, the same map to 4 decimals.
+        self.timesteps = [int(t) for t in self.scheduler.timesteps if 0 < t <= start_timestep]
+        if not self.timesteps:
+            msg = (
+                f"No DDIM step above 0 lies at or below start_timestep={start_timestep} with "
+                f"num_inference_steps={num_inference_steps} (every {NUM_TRAIN_TIMESTEPS // num_inference_steps} "
+                "timesteps); raise start_timestep or num_inference_steps."
+            )
+            raise ValueError(msg)
         # At the start step the trajectory *is* the noised input, so x0_hat == x0_tilde there and
         # the comparison is only float noise: the search starts one step later.
         self.search_timesteps = [t for t in self.timesteps[1:] if t >= min_timestep] if adaptive else []
@@ -153,7 +167,7 @@ class GLADModel(nn.Module):
             self.features = UNetEncoderFeatures(self.ema_unet, feature_layers, feature_timestep)
         else:
             self.features = EfficientNetLite0Features(feature_layers)
-        self.inference_noise = FixedNoise(unet.in_channels, noise_seed)
+        self.inference_noise = FixedNoiseDraws(unet.in_channels, noise_seed, noise_draws)
         self.blur = SeparableGaussianBlur(anomaly_map_sigma)
         # Mean 0 and spread 1 until calibration fits them: the plain blurred distance.
         self.map_statistics = BorderStandardiser(1, border_bands)
@@ -216,10 +230,13 @@ class GLADModel(nn.Module):
 
     def smoothed_distance(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, 1, H, W)``: the blurred distance between the images (in ``[0, 1]``) and their reconstruction."""
-        samples = self.pad(images * 2 - 1)
-        reconstruction = self.reconstruct(samples).reconstruction
+        padded = self.pad(images * 2 - 1)
+        # Every noise draw in one batch, draw-major: (draws * B, 3, H, W).
+        samples, noise = self.inference_noise.batch(padded)
+        reconstruction = self.reconstruct(samples, noise=noise).reconstruction
         height, width = images.shape[-2:]
-        return self.blur(self.distance_map(samples, reconstruction)[..., :height, :width])
+        distance = self.distance_map(padded, reconstruction, copies=len(self.inference_noise))[..., :height, :width]
+        return self.blur(self.inference_noise.average(distance))
 
     def map_moments(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, 1, border_bands, 2)``: :func:`band_moments` of the smoothed distance (what calibration fits on)."""
@@ -241,10 +258,19 @@ class GLADModel(nn.Module):
             return samples
         return F.pad(samples, (0, pad_w, 0, pad_h), mode="replicate")
 
-    def reconstruct(self, samples: torch.Tensor, record: bool = False) -> GLADReconstruction:
-        """Adaptive DDIM reconstruction of ``samples`` in ``[-1, 1]`` (sizes a multiple of the U-Net factor)."""
+    def reconstruct(
+        self,
+        samples: torch.Tensor,
+        record: bool = False,
+        noise: torch.Tensor | None = None,
+    ) -> GLADReconstruction:
+        """Adaptive DDIM reconstruction of ``samples`` in ``[-1, 1]`` (sizes a multiple of the U-Net factor).
+
+        ``noise`` (one per sample) defaults to the first fixed noise draw.
+        """
         batch, _, height, width = samples.shape
-        noise = self.inference_noise(height, width).expand(batch, -1, -1, -1)
+        if noise is None:
+            noise = self.inference_noise[0](height, width).expand(batch, -1, -1, -1)
         alphas = self.scheduler.alphas_cumprod
         start = self.timesteps[0]
         current = alphas[start].sqrt() * samples + (1 - alphas[start]).sqrt() * noise
@@ -272,18 +298,32 @@ class GLADModel(nn.Module):
                 discrepancies.append(discrepancy)
                 if record:
                     maps.append(distance)
-            current = self.scheduler.step(predicted, timestep, current, eta=0.0).prev_sample
+            step_output = self.scheduler.step(predicted, timestep, current, eta=0.0)
+            # The last step's clean estimate is the reconstruction (what a further step down to 0 returns).
+            current = step_output.pred_original_sample if timestep == self.timesteps[-1] else step_output.prev_sample
         stacked = torch.stack(discrepancies, dim=1) if discrepancies else samples.new_zeros(batch, 0)
         return GLADReconstruction(current, chosen, stacked, maps)
 
-    def distance_map(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
-        """``(B, 1, H, W)``: mean neighbourhood cosine distance over feature layers + weighted pixel/gradient distance."""
+    def distance_map(self, first: torch.Tensor, second: torch.Tensor, copies: int = 1) -> torch.Tensor:
+        """``(copies * B, 1, H, W)``: mean neighbourhood cosine distance of the feature layers + weighted pixel distance.
+
+        The pixel distance is the neighbourhood L1 distance of pixels and Sobel gradients. ``second`` holds
+        ``copies`` images per ``first`` image, draw-major (``copies * B``; the reconstructions of several noise
+        draws): ``first``'s features are computed once and compared with each copy.
+        """
         batch, _, height, width = first.shape
         both = self.features(torch.cat([first, second]))
+
+        def tiled(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor.repeat(copies, 1, 1, 1) if copies > 1 else tensor
+
+        first = tiled(first)
         layers = [
             F.interpolate(
                 # Slicing, not chunk(2): chunk's size arithmetic pins a dynamic batch during torch.export.
-                neighbourhood_cosine_distance(feature[:batch], feature[batch:], radius=self.neighbourhood_radius),
+                neighbourhood_cosine_distance(
+                    tiled(feature[:batch]), feature[batch:], radius=self.neighbourhood_radius
+                ),
                 size=(height, width),
                 mode="bilinear",
                 align_corners=False,
@@ -308,6 +348,7 @@ def _check_inference_config(
     top_k_fraction: float,
     neighbourhood_radius: int,
     border_bands: int = 1,
+    noise_draws: int = 1,
 ) -> None:
     """Reject settings that would otherwise fail deep inside torch or diffusers, naming every problem."""
     problems = []
@@ -324,6 +365,8 @@ def _check_inference_config(
     if neighbourhood_radius < 0:
         problems.append(f"neighbourhood_radius={neighbourhood_radius} must be 0 or more")
     if problem := border_bands_problem(border_bands):
+        problems.append(problem)
+    if problem := noise_draws_problem(noise_draws):
         problems.append(problem)
     if problems:
         msg = "Invalid GLAD configuration: " + "; ".join(problems) + "."

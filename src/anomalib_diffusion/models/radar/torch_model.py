@@ -26,7 +26,7 @@ from torch import nn
 
 from anomalib_diffusion.components import (
     BorderStandardiser,
-    FixedNoise,
+    FixedNoiseDraws,
     SeparableGaussianBlur,
     TensorIsolationForest,
     UNetConfig,
@@ -43,6 +43,7 @@ from anomalib_diffusion.components import (
 )
 from anomalib_diffusion.components.border import border_bands_problem
 from anomalib_diffusion.components.features import top_k_mean
+from anomalib_diffusion.components.noising import noise_draws_problem
 
 InferenceMode = Literal["patch", "full"]
 AnomalyMapName = Literal["noise", "sobel", "combined"]
@@ -115,9 +116,7 @@ class RADARModel(nn.Module):
         self.image_score = image_score
         self.top_k_fraction = top_k_fraction
         self.noise_draws = noise_draws
-        self.inference_noise = nn.ModuleList(
-            FixedNoise(unet.in_channels, noise_seed + draw) for draw in range(noise_draws)
-        )
+        self.inference_noise = FixedNoiseDraws(unet.in_channels, noise_seed, noise_draws)
         # Mean and standard deviation of the smoothed noise (channel 0) and Sobel (1) maps over held-out normal
         # pixels, per border band.
         self.map_statistics = BorderStandardiser(2, border_bands)
@@ -194,7 +193,7 @@ class RADARModel(nn.Module):
 
     def noise_map(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)`` images -> ``(B, 1, H, W)`` per-pixel norm of ``eps_theta(x_t, t) - eps``."""
-        batch, _, height, width = images.shape
+        height, width = images.shape[-2:]
         if self.inference_mode == "patch":
             padded_size = (
                 grid_size(height, self.patch_size, self.stride),
@@ -205,8 +204,7 @@ class RADARModel(nn.Module):
             padded_size = (math.ceil(height / factor) * factor, math.ceil(width / factor) * factor)
         samples = pad_to(images * 2 - 1, *padded_size)
         # Every draw of the fixed noise in one U-Net call: (draws * B, C, H, W), draw-major.
-        noise = torch.cat([draw(*padded_size).expand(batch, -1, -1, -1) for draw in self.inference_noise])
-        samples = samples.repeat(self.noise_draws, 1, 1, 1)
+        samples, noise = self.inference_noise.batch(samples)
         noisy = noise_at_timestep(self.scheduler, samples, noise, self.timestep)
         if self.inference_mode == "patch":
             patches = extract_patches(noisy, self.patch_size, self.stride)
@@ -215,7 +213,7 @@ class RADARModel(nn.Module):
             predicted = self.predict_noise(noisy)
         residual = (predicted - noise)[..., :height, :width]
         norms = torch.linalg.vector_norm(residual, dim=1, keepdim=True)
-        return norms.reshape(self.noise_draws, batch, 1, height, width).mean(dim=0)
+        return self.inference_noise.average(norms)
 
     def predict_noise(self, samples: torch.Tensor) -> torch.Tensor:
         """``eps_theta(x_t, t)`` at the inference timestep, in chunks when running eagerly."""
@@ -236,8 +234,8 @@ def _check_scoring_config(
         problems.append(f"image_score={image_score!r} must be one of {', '.join(map(repr, IMAGE_SCORES))}")
     if not 0 < top_k_fraction <= 1:
         problems.append(f"top_k_fraction={top_k_fraction} must be in (0, 1]")
-    if isinstance(noise_draws, bool) or not isinstance(noise_draws, int) or noise_draws < 1:
-        problems.append(f"noise_draws={noise_draws!r} must be an integer of at least 1")
+    if problem := noise_draws_problem(noise_draws):
+        problems.append(problem)
     if problem := border_bands_problem(border_bands):
         problems.append(problem)
     if problems:

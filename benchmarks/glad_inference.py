@@ -1,0 +1,144 @@
+"""GLAD's inference noise on one trained network: how much one draw moves the score, and what averaging draws buys.
+
+GLAD reconstructs from the input noised with one fixed seeded draw. On the devbench's tuning half the seed alone
+moved bump-relief's image AUROC between 0.919 and 0.956 (docs/glad.md, *Border bands*). This script trains GLAD once
+per texture as the benchmark does (``configs/benchmark.yaml``: defaults, 300 steps, seed 42, anomalib ``Engine``,
+``MVTecAD`` with a synthetic validation split) and then, on the *same* weights, computes the smoothed distance map of
+every hold-out and test image for several inference noise seeds and step lists:
+
+- ``<steps>-seed<s>``: one draw, seed ``s`` (``seed0`` was GLAD's default);
+- ``<steps>-draws<k>``: the mean of the first ``k`` seeds' distance maps (the blur is linear, so this is the map of a
+  GLAD with ``noise_draws=k``; ``600-400-200-draws2`` is GLAD's default now);
+
+where ``<steps>`` is the list of DDIM timesteps the reconstruction runs through, one U-Net call each
+(``600-400-200-0``: GLAD's steps before this study; ``600-400-200``: its steps now, the last step returning its clean
+estimate instead of running DDIM's step at t = 0). Every variant's map is standardised per border band (16) with the
+mean and spread of GLAD's own hold-out (10 % of the training images, never trained on), as GLAD does, and scored as
+GLAD does (top-1 % mean). Image and pixel AUROC with scikit-learn on the test split. U-Net calls per image = number of
+timesteps x draws.
+
+Prints one JSON line per texture. The runs behind docs/glad.md's *Noise draws* (tuning half only; about 11 and
+8 minutes per texture on 2 cores)::
+
+    anomalib-diffusion-demo-data --textures ../shared/devbench/textures --root datasets/devbench
+    python benchmarks/glad_inference.py --root datasets/devbench --categories bump-relief melt vegetal
+    python benchmarks/glad_inference.py --root datasets/devbench --categories bump-relief \\
+        --step-lists 600-400-200-0 600-400-200 --noise-seeds 0 1
+"""
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F  # noqa: N812
+from lightning import seed_everything
+from sklearn.metrics import roc_auc_score
+from torch.utils.data import DataLoader
+
+from anomalib_diffusion.components import FixedNoiseDraws
+from anomalib_diffusion.components.border import BorderStandardiser, band_moments
+from anomalib_diffusion.components.training_data import training_images_loader
+from anomalib_diffusion.models import GLAD
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import datamodule, engine
+
+STEP_LISTS = ("600-400-200-0", "400-200-0", "666-333-0")
+SEEDS = (0, 1, 2, 3)
+DRAWS = (2, 4)
+
+
+def smoothed_maps(model: GLAD, loader: DataLoader) -> tuple[torch.Tensor, np.ndarray, list[np.ndarray]]:
+    """``(maps (N, 1, H, W), labels, masks)``: GLAD's smoothed distance with the network's current noise and steps."""
+    maps, labels, masks = [], [], []
+    with torch.inference_mode():
+        for batch in loader:
+            images = model.pre_processor(batch.image)
+            maps.append(model.model.smoothed_distance(images))
+            labels.extend(batch.gt_label.int().tolist() if batch.gt_label is not None else [0] * len(images))
+            if batch.gt_mask is not None:
+                truth = F.interpolate(
+                    batch.gt_mask.float().view(len(images), 1, *batch.gt_mask.shape[-2:]), images.shape[-2:]
+                )
+                masks.extend(mask.numpy() > 0.5 for mask in truth[:, 0])
+    return torch.cat(maps), np.array(labels), masks
+
+
+def set_steps(model: GLAD, name: str) -> None:
+    """Make the network reconstruct through the DDIM timesteps ``name`` lists (``600-400-200``, evenly spaced)."""
+    timesteps = [int(step) for step in name.split("-")]
+    spacing = {first - second for first, second in itertools.pairwise(timesteps)}
+    if len(timesteps) < 2 or len(spacing) != 1:
+        raise ValueError(f"{name}: give at least two evenly spaced DDIM timesteps, highest first")
+    network = model.model
+    network.scheduler.set_timesteps(1000 // (timesteps[0] - timesteps[1]))
+    if not set(timesteps) <= {int(step) for step in network.scheduler.timesteps}:
+        raise ValueError(f"{name}: not among diffusers' DDIM timesteps {network.scheduler.timesteps.tolist()}")
+    network.timesteps = timesteps
+
+
+def measure(
+    root: Path, category: str, max_steps: int, seed: int, step_lists: Sequence[str], seeds: Sequence[int]
+) -> dict:
+    seed_everything(seed, workers=True)
+    data = datamodule(root, category, seed, batch=8)
+    model = GLAD(max_steps=max_steps)
+    start = time.perf_counter()
+    engine(Path("runs/glad_inference") / category).fit(model=model, datamodule=data)
+    fit_seconds = time.perf_counter() - start
+    model.eval()
+    holdout = training_images_loader(model, model._holdout_indices)
+    data.setup("test")
+    bands = model.model.map_statistics.bands
+    result: dict = {"category": category, "fit_s": round(fit_seconds), "holdout_images": len(holdout.dataset)}
+    truth = labels = None
+    start = time.perf_counter()
+    for index, name in enumerate(step_lists):
+        set_steps(model, name)
+        held, test = {}, {}
+        for noise_seed in seeds if index == 0 else seeds[:2]:
+            model.model.inference_noise = FixedNoiseDraws(3, noise_seed)
+            held[noise_seed] = smoothed_maps(model, holdout)[0]
+            test[noise_seed], labels, masks = smoothed_maps(model, data.test_dataloader())
+            truth = np.concatenate([mask.ravel() for mask in masks])
+        variants = {f"seed{s}": [s] for s in held} | {f"draws{k}": list(held)[:k] for k in DRAWS if k <= len(held)}
+        for variant, chosen in variants.items():
+            standardiser = BorderStandardiser(1, bands)
+            standardiser.fit(band_moments(torch.stack([held[s] for s in chosen]).mean(0), bands))
+            maps = standardiser(torch.stack([test[s] for s in chosen]).mean(0))
+            flat = maps.flatten(1)
+            scores = flat.topk(max(1, flat.shape[1] // 100), dim=1).values.mean(dim=1).numpy()
+            result[f"{name}-{variant}"] = [
+                round(float(roc_auc_score(labels, scores)), 4),
+                round(float(roc_auc_score(truth, maps.numpy().ravel())), 4),
+            ]
+    result["inference_s"] = round(time.perf_counter() - start)
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--root", type=Path, required=True, help="MVTec AD-layout root (e.g. datasets/devbench)")
+    parser.add_argument("--categories", nargs="+", required=True)
+    parser.add_argument("--max-steps", type=int, default=300, help="GLAD's training budget (the benchmark's 300)")
+    parser.add_argument("--seed", type=int, default=42, help="as configs/benchmark.yaml")
+    parser.add_argument(
+        "--step-lists", nargs="+", default=list(STEP_LISTS), help="DDIM timesteps of each reconstruction variant"
+    )
+    parser.add_argument(
+        "--noise-seeds", type=int, nargs="+", default=list(SEEDS), help="inference noise seeds (the first list's)"
+    )
+    args = parser.parse_args(argv)
+    for category in args.categories:
+        result = measure(args.root, category, args.max_steps, args.seed, args.step_lists, args.noise_seeds)
+        print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
