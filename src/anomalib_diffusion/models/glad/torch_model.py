@@ -11,7 +11,7 @@ synthetic anomalies *towards the normal image*. For timestep ``t`` the clean inp
 estimate ``x0_hat = (x_t - sqrt(1 - abar_t) eps*) / sqrt(abar_t)`` is exactly ``x_normal``.
 
 Inference (ADS + SAFF): the image is noised to ``start_timestep`` with fixed seeded noise and
-denoised with a fixed list of DDIM steps. At each search step (every DDIM step after the first,
+denoised with a fixed list of DDIM steps (above 0: the last step's clean estimate is the reconstruction). At each search step (every DDIM step after the first,
 down to ``min_timestep``; at the first the two estimates below coincide) the generated estimate ``x0_hat``
 is compared with the input-anchored estimate ``x0_tilde = x + sqrt((1 - abar_t) / abar_t)(eps -
 eps_theta)`` (the same step's formula applied to the input noised with the same ``eps``) by a
@@ -22,7 +22,8 @@ where it is low. A sample that never exceeds ``tau`` is fused at the last search
 low, so it keeps the input). Every per-sample decision is a mask, so the whole reconstruction
 unrolls into one exportable graph with a fixed number of U-Net calls.
 
-Scoring: the feature distance between the input and the reconstruction, Gaussian-blurred and
+Scoring: the feature distance between the input and the reconstruction (averaged over ``noise_draws``
+reconstructions from differently seeded noise), Gaussian-blurred and
 standardised per border band with held-out normal images' statistics (:class:`BorderStandardiser`: the
 map is raised near the image border on normal images), is the ``anomaly_map``; the mean of its top pixels
 is ``pred_score``.
