@@ -41,7 +41,7 @@ from lightning import seed_everything
 from sklearn.metrics import roc_auc_score
 from torch.utils.data import DataLoader
 
-from anomalib_diffusion.components import FixedNoiseDraws
+from anomalib_diffusion.components import FixedNoiseDraws, SeparableGaussianBlur
 from anomalib_diffusion.components.border import BorderStandardiser, band_moments
 from anomalib_diffusion.components.training_data import training_images_loader
 from anomalib_diffusion.models import GLAD
@@ -84,7 +84,14 @@ def set_steps(model: GLAD, name: str) -> None:
 
 
 def measure(
-    root: Path, category: str, max_steps: int, seed: int, step_lists: Sequence[str], seeds: Sequence[int]
+    root: Path,
+    category: str,
+    max_steps: int,
+    seed: int,
+    step_lists: Sequence[str],
+    seeds: Sequence[int],
+    sigmas: Sequence[float] = (),
+    top_fractions: Sequence[float] = (),
 ) -> dict:
     seed_everything(seed, workers=True)
     data = datamodule(root, category, seed, batch=8)
@@ -96,6 +103,9 @@ def measure(
     holdout = training_images_loader(model, model._holdout_indices)
     data.setup("test")
     bands = model.model.map_statistics.bands
+    default_sigma, default_top = float(model.model.blur.sigma[0]), model.model.top_k_fraction
+    blurs = {sigma: SeparableGaussianBlur(sigma) for sigma in sigmas or [default_sigma]}
+    model.model.blur = torch.nn.Identity()  # raw distance maps below, blurred per variant (the blur is linear)
     result: dict = {"category": category, "fit_s": round(fit_seconds), "holdout_images": len(holdout.dataset)}
     truth = labels = None
     start = time.perf_counter()
@@ -108,16 +118,17 @@ def measure(
             test[noise_seed], labels, masks = smoothed_maps(model, data.test_dataloader())
             truth = np.concatenate([mask.ravel() for mask in masks])
         variants = {f"seed{s}": [s] for s in held} | {f"draws{k}": list(held)[:k] for k in DRAWS if k <= len(held)}
-        for variant, chosen in variants.items():
+        for (variant, chosen), (sigma, blur) in itertools.product(variants.items(), blurs.items()):
             standardiser = BorderStandardiser(1, bands)
-            standardiser.fit(band_moments(torch.stack([held[s] for s in chosen]).mean(0), bands))
-            maps = standardiser(torch.stack([test[s] for s in chosen]).mean(0))
+            standardiser.fit(band_moments(blur(torch.stack([held[s] for s in chosen]).mean(0)), bands))
+            maps = standardiser(blur(torch.stack([test[s] for s in chosen]).mean(0)))
             flat = maps.flatten(1)
-            scores = flat.topk(max(1, flat.shape[1] // 100), dim=1).values.mean(dim=1).numpy()
-            result[f"{name}-{variant}"] = [
-                round(float(roc_auc_score(labels, scores)), 4),
-                round(float(roc_auc_score(truth, maps.numpy().ravel())), 4),
-            ]
+            pixel = round(float(roc_auc_score(truth, maps.numpy().ravel())), 4)
+            for top in top_fractions or [default_top]:
+                scores = flat.topk(max(1, int(flat.shape[1] * top)), dim=1).values.mean(dim=1).numpy()
+                key = f"{name}-{variant}" + (f"-sigma{sigma:g}" if sigma != default_sigma else "")
+                key += f"-top{top:g}" if top != default_top else ""
+                result[key] = [round(float(roc_auc_score(labels, scores)), 4), pixel]
     result["inference_s"] = round(time.perf_counter() - start)
     return result
 
@@ -134,9 +145,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--noise-seeds", type=int, nargs="+", default=list(SEEDS), help="inference noise seeds (the first list's)"
     )
+    parser.add_argument("--sigmas", type=float, nargs="+", default=[], help="map blur sigmas (default: GLAD's)")
+    parser.add_argument(
+        "--top-fractions", type=float, nargs="+", default=[], help="image score: mean of this top share (GLAD's)"
+    )
     args = parser.parse_args(argv)
     for category in args.categories:
-        result = measure(args.root, category, args.max_steps, args.seed, args.step_lists, args.noise_seeds)
+        result = measure(
+            args.root,
+            category,
+            args.max_steps,
+            args.seed,
+            args.step_lists,
+            args.noise_seeds,
+            args.sigmas,
+            args.top_fractions,
+        )
         print(json.dumps(result), flush=True)
 
 
