@@ -132,13 +132,18 @@ def measure(root: Path, category: str, max_steps: int, seed: int) -> dict:
     return result
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def study_parser(description: str) -> argparse.ArgumentParser:
+    """The arguments of the GLAD studies that train GLAD per texture as the benchmark does."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--root", type=Path, required=True, help="MVTec AD-layout root (e.g. datasets/devbench)")
     parser.add_argument("--categories", nargs="+", required=True)
     parser.add_argument("--max-steps", type=int, default=300, help="GLAD's training budget (the benchmark's 300)")
     parser.add_argument("--seed", type=int, default=42, help="as configs/benchmark.yaml")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = study_parser(__doc__.split("\n\n")[0]).parse_args(argv)
     for category in args.categories:
         print(json.dumps(measure(args.root, category, args.max_steps, args.seed)), flush=True)
 

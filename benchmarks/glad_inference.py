@@ -26,7 +26,6 @@ Prints one JSON line per texture. The runs behind docs/glad.md's *Noise draws* (
         --step-lists 600-400-200-0 600-400-200 --noise-seeds 0 1
 """
 
-import argparse
 import itertools
 import json
 import sys
@@ -36,10 +35,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F  # noqa: N812
 from lightning import seed_everything
 from sklearn.metrics import roc_auc_score
-from torch.utils.data import DataLoader
 
 from anomalib_diffusion.components import FixedNoiseDraws, SeparableGaussianBlur
 from anomalib_diffusion.components.border import BorderStandardiser, band_moments
@@ -47,27 +44,12 @@ from anomalib_diffusion.components.training_data import training_images_loader
 from anomalib_diffusion.models import GLAD
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from glad_border import smoothed_maps, study_parser
 from report import datamodule, engine
 
 STEP_LISTS = ("600-400-200-0", "400-200-0", "666-333-0")
 SEEDS = (0, 1, 2, 3)
 DRAWS = (2, 4)
-
-
-def smoothed_maps(model: GLAD, loader: DataLoader) -> tuple[torch.Tensor, np.ndarray, list[np.ndarray]]:
-    """``(maps (N, 1, H, W), labels, masks)``: GLAD's smoothed distance with the network's current noise and steps."""
-    maps, labels, masks = [], [], []
-    with torch.inference_mode():
-        for batch in loader:
-            images = model.pre_processor(batch.image)
-            maps.append(model.model.smoothed_distance(images))
-            labels.extend(batch.gt_label.int().tolist() if batch.gt_label is not None else [0] * len(images))
-            if batch.gt_mask is not None:
-                truth = F.interpolate(
-                    batch.gt_mask.float().view(len(images), 1, *batch.gt_mask.shape[-2:]), images.shape[-2:]
-                )
-                masks.extend(mask.numpy() > 0.5 for mask in truth[:, 0])
-    return torch.cat(maps), np.array(labels), masks
 
 
 def set_steps(model: GLAD, name: str) -> None:
@@ -134,11 +116,7 @@ def measure(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--root", type=Path, required=True, help="MVTec AD-layout root (e.g. datasets/devbench)")
-    parser.add_argument("--categories", nargs="+", required=True)
-    parser.add_argument("--max-steps", type=int, default=300, help="GLAD's training budget (the benchmark's 300)")
-    parser.add_argument("--seed", type=int, default=42, help="as configs/benchmark.yaml")
+    parser = study_parser(__doc__.split("\n\n")[0])
     parser.add_argument(
         "--step-lists", nargs="+", default=list(STEP_LISTS), help="DDIM timesteps of each reconstruction variant"
     )
