@@ -8,8 +8,8 @@ Six rows per category, each scored with anomalib's ``Engine.test`` on raw output
   held-out normal training images);
 - **+ATP**: anomaly-aware training, plain DDIM reconstruction (GLAD's default);
 - **+ATP +ADS**: both (the paper's GLAD);
-- **+ATP, 10 steps** and **+ATP +ADS, 10 steps**: the ATP weights with DDIM steps every 100 timesteps (8 U-Net
-  calls; ADS then has 5 search steps) instead of the default 5 (4 calls, 2 search steps).
+- **+ATP, 10 steps** and **+ATP +ADS, 10 steps**: the ATP weights with DDIM steps every 100 timesteps (7 U-Net
+  calls per noise draw; ADS then has 5 search steps) instead of the default 5 (3 calls per draw, 2 search steps).
 
 Two models are trained per category (plain loss and ATP), each with the calibration hold-out kept out of training
 (``adaptive_steps: true`` at fit time), so the rows that share a training run differ only at inference and every
@@ -61,7 +61,7 @@ from report import TestOutputs, datamodule, raw_outputs, raw_test_outputs
 REPORT = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "glad_ablation.md"
 FIGURE = Path(__file__).resolve().parents[1] / "docs" / "figures" / "glad_demo.png"
 # (name, ATP, ADS + SAFF, inference settings over the defaults). The 10-step rows reuse the ATP weights with
-# DDIM steps every 100 timesteps (8 U-Net calls instead of 4): what the faster default gives up, if anything.
+# DDIM steps every 100 timesteps (7 U-Net calls per draw instead of 3): what the faster default gives up, if anything.
 SLOW_STEPS = {"num_inference_steps": 10}
 DEFAULT_VARIANT = "+ATP"
 VARIANTS: tuple[tuple[str, bool, bool, dict[str, int]], ...] = (

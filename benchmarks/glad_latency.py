@@ -6,7 +6,7 @@ prediction. This script measures both, in the same process, on the same CPU:
 
 - for each image size (``--sizes``), RADAR with its defaults, and GLAD with each DDIM step
   spacing in ``--steps`` (``num_inference_steps``; the start and search range stay at their defaults,
-  so with the defaults 5 spacing steps mean 4 U-Net calls in the reconstruction and 10 mean 8), each
+  so with the defaults 5 spacing steps mean 3 U-Net calls per draw in the reconstruction and 10 mean 7), each
   with plain DDIM (the default) and with ADS + SAFF (``adaptive_steps``); plain DDIM also with each
   number of fixed noise draws in ``--draws`` above 1 (``noise_draws``: one reconstruction per draw, in one batch);
 - latency of one image (batch 1, median of ``--runs`` after ``--warmup`` untimed runs) in

@@ -115,7 +115,6 @@ class RADARModel(nn.Module):
         self.anomaly_map = anomaly_map
         self.image_score = image_score
         self.top_k_fraction = top_k_fraction
-        self.noise_draws = noise_draws
         self.inference_noise = FixedNoiseDraws(unet.in_channels, noise_seed, noise_draws)
         # Mean and standard deviation of the smoothed noise (channel 0) and Sobel (1) maps over held-out normal
         # pixels, per border band.
