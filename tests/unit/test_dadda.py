@@ -239,6 +239,23 @@ class TestDetector:
         assert output.pred_score.shape == (3,)
         assert ((output.anomaly_map >= 0) & (output.anomaly_map <= 1)).all()
 
+    @pytest.mark.parametrize(("fraction", "expected"), [(None, 64 / 65), (0.01, 64 / 655)])
+    def test_a_small_defect_sets_the_default_image_score(self, fraction: float | None, expected: float) -> None:
+        """An 8x8 defect on a 256x256 map fills the default top 0.1 % (65 px) but a 10th of the top 1 % (655 px)."""
+
+        class SpotDetector(torch.nn.Module):
+            def forward(self, images: torch.Tensor) -> torch.Tensor:
+                logits = torch.zeros(len(images), 2, *images.shape[-2:])
+                logits[:, 0] = 30.0
+                logits[:, :, 100:108, 40:48] = torch.tensor([-30.0, 30.0]).view(2, 1, 1)
+                return logits
+
+        settings = {} if fraction is None else {"top_k_fraction": fraction}
+        model = DADDAModel(UNET, detector_width=8, max_defect_types=4, **settings).eval()
+        model.detector = SpotDetector()
+        score = model(torch.rand(1, 3, 256, 256)).pred_score  # normal pixels: softmax ~1e-26
+        assert score.item() == pytest.approx(expected, rel=1e-4)
+
     def test_the_type_head_only_predicts_known_types(self) -> None:
         model = DADDAModel(UNET, detector_width=8, max_defect_types=4).eval()
         model.type_count.fill_(2)

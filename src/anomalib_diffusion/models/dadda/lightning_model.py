@@ -171,7 +171,7 @@ class DADDA(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
         detector_steps: int = 1000,
         type_samples_per_type: int = 32,
         type_head_source: str = "both",
-        top_k_fraction: float = 0.01,
+        top_k_fraction: float = 0.001,
         learning_rate: float = 1e-3,
         pre_processor: PreProcessor | bool = True,
         post_processor: bool = True,

@@ -272,7 +272,7 @@ class DADDAModel(nn.Module):
         max_defect_types: int = 16,
         generation_steps: int = 20,
         defect_weight: float = 4.0,
-        top_k_fraction: float = 0.01,
+        top_k_fraction: float = 0.001,
         generator_target: str = "epsilon",
         generator_guidance: float = 1.0,
         generation_repaint: bool = False,
