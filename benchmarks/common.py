@@ -28,6 +28,7 @@ from lightning import Callback
 from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
+from anomalib_diffusion.components.border import border_bands
 from anomalib_diffusion.data import DEMO_CATEGORIES, make_demo_dataset, texture_categories
 from anomalib_diffusion.deploy import compile_config
 
@@ -86,6 +87,20 @@ def build_categories(
     except ValueError as error:
         raise SystemExit(str(error)) from error
     return root
+
+
+NEAR_BORDER = 8  # pixels from the image edge that count as "at the border" (12 % of a 256x256 image)
+
+
+def border_share(maps: torch.Tensor, fraction: float = 0.01) -> float:
+    """Share of each map's top-``fraction`` pixels within ``NEAR_BORDER`` pixels of the edge, over ``(N, 1, H, W)`` maps.
+
+    High when normal images are scored by their border (as RADAR's and GLAD's were before their border bands).
+    """
+    near = border_bands(*maps.shape[-2:], NEAR_BORDER + 1).flatten() < NEAR_BORDER
+    flat = maps.flatten(1)
+    top = flat.topk(max(1, int(fraction * flat.shape[1])), dim=1).indices
+    return round(float(near[top].float().mean()), 3)
 
 
 def engine(root: Path, callbacks: list[Callback] | None = None) -> Engine:

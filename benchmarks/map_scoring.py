@@ -37,13 +37,12 @@ from anomalib_diffusion.components import SeparableGaussianBlur
 from anomalib_diffusion.components.features import top_k_mean
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import border_share
 from report import CONFIG, build, datamodule, engine, model_grid, raw_outputs
 
 if TYPE_CHECKING:
     from anomalib.data import MVTecAD
     from anomalib.models import AnomalibModule
-
-BORDER = 8
 
 
 def test_maps(model: "AnomalibModule", data: "MVTecAD") -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
@@ -60,17 +59,6 @@ def test_maps(model: "AnomalibModule", data: "MVTecAD") -> tuple[torch.Tensor, n
             masks.append(F.interpolate(truth, anomaly_map.shape[-2:])[:, 0].numpy() > 0.5)
             labels += batch.gt_label.int().tolist()
     return torch.cat(maps), np.asarray(labels), np.concatenate(masks)
-
-
-def border_share(maps: torch.Tensor, fraction: float = 0.01) -> float:
-    """Share of the maps' top-``fraction`` pixels that lie within ``BORDER`` pixels of the image edge."""
-    height, width = maps.shape[-2:]
-    rows, cols = torch.arange(height).view(-1, 1), torch.arange(width).view(1, -1)
-    distance = torch.minimum(torch.minimum(rows, height - 1 - rows), torch.minimum(cols, width - 1 - cols))
-    near = (distance < BORDER).flatten()
-    flat = maps.flatten(1)
-    top = flat.topk(max(1, int(fraction * flat.shape[1])), dim=1).indices
-    return round(float(near[top].float().mean()), 3)
 
 
 def measure(
