@@ -34,12 +34,16 @@ SCORE_TOLERANCE = 1e-3
 # What bf16 is promised to keep (docs/deployment.md), against f32 on the model's test split: the model's normalised
 # anomaly map to within BF16_MAP_TOLERANCE, and its image decisions: the label of every image whose f32 score is
 # further than BF16_LABEL_MARGIN from the threshold, and image AUROC to within BF16_AUROC_MARGIN. Measured largest map
-# differences: 0.146 (RADAR), 0.031 (GLAD), 0.038 (DADDA). RADAR's map is the least exact: at its inference timestep
-# t = 10 the diffusion noise is 3 % of the image, and bf16 rounds the noisy image to about 0.4 %, so the noise map
-# moves by a tenth; its image scores moved down by 0.06-0.2 while keeping their order (AUROC 1.0 in both) and every
-# clear label. With the paper's Isolation Forest (image_score="forest") the map error jumps across the forest's
-# splits instead (measured on the tiny model: AUROC 0.844 in f32, 0.688 in bf16), so that head is promised nothing.
-BF16_MAP_TOLERANCE = {"radar": 0.2, "glad": 0.1, "dadda": 0.1}
+# differences: 0.146 (RADAR), 0.031 (GLAD), 0.038 (DADDA). RADAR's map is the least exact: at timestep t = 10 the
+# diffusion noise is 3 % of the image, and bf16 rounds the noisy image to about 0.4 %, so the noise map moves by a
+# tenth; its image scores moved down by 0.06-0.2 while keeping their order (AUROC 1.0 in both) and every clear
+# label. That promise is RADAR's at t = 10 ("radar_t10"): at its default t = 2 (chosen on the devbench for f32) the
+# noise is 2.5x smaller against the same rounding, which was not measured on a CPU with bf16, so the default is
+# promised nothing in bf16 (docs/deployment.md). With the paper's Isolation Forest (image_score="forest") the map
+# error jumps across the forest's splits instead (measured on the tiny model: AUROC 0.844 in f32, 0.688 in bf16),
+# so that head is promised nothing either.
+BF16_MODELS = ("radar_t10", "glad", "dadda")
+BF16_MAP_TOLERANCE = {"radar_t10": 0.2, "glad": 0.1, "dadda": 0.1}
 BF16_LABEL_MARGIN = 0.15
 BF16_AUROC_MARGIN = 0.1
 
@@ -103,7 +107,7 @@ def test_export_says_how_to_run_the_model_in_f32(radar_openvino: Path) -> None:
 
 
 @requires_bf16
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", BF16_MODELS)
 def test_bf16_keeps_what_it_promises(name: str, request: pytest.FixtureRequest) -> None:
     """Forced bf16 (OpenVINO reports it computes in bf16) against f32, on the model's test split."""
     trained: TrainedModel = request.getfixturevalue(f"trained_{name}")

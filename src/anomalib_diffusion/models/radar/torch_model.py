@@ -82,7 +82,7 @@ class RADARModel(nn.Module):
         self,
         unet: UNetConfig,
         stride: int = 32,
-        timestep: int = 10,
+        timestep: int = 2,
         window_size: int = 32,
         inference_mode: InferenceMode = "full",
         train_timestep_range: tuple[int, int] = (0, 200),
