@@ -150,6 +150,7 @@ def quality(args: argparse.Namespace) -> None:
 
     blur = SeparableGaussianBlur(4.0)
     labels, masks = data["labels"], data["masks"]
+    defective = torch.from_numpy(labels == 1)
     for timestep, draws, mode in run["variants"]:
         held, test = noise_map(data["held_out"], timestep, draws, mode), noise_map(data["test"], timestep, draws, mode)
         normal = torch.cat([blur(held), blur(sobel_edge_map(held))], dim=1)
@@ -169,7 +170,6 @@ def quality(args: argparse.Namespace) -> None:
                 top = flat.topk(max(1, int(share * flat.shape[1])), dim=1).values.mean(dim=1)
                 scores[f"image_top{share * 100:g}%_{name}"] = round(roc_auc_score(labels, top.numpy()), 3)
                 # a margin that AUROC 1.000 hides: the share of defective images above every normal one
-                defective = torch.from_numpy(labels == 1)
                 above = (top[defective] > top[~defective].max()).float().mean()
                 scores[f"tpr0_top{share * 100:g}%_{name}"] = round(float(above), 3)
                 # and one that keeps moving past it: the lowest defective score above the highest normal one, in

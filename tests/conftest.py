@@ -253,8 +253,8 @@ def trained_radar(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 def trained_radar_t10(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> TrainedModel:
     """The shared RADAR at the earlier default timestep t = 10, where its bf16 promise was measured.
 
-    Trained only by tests that run on CPUs with bf16 (tests/integration/test_precision.py): at the default t = 2 the
-    diffusion noise is 2.5x smaller against bf16's rounding, and RADAR promises nothing in bf16 (docs/deployment.md).
+    Trained only by tests that run on CPUs with bf16 (tests/integration/test_precision.py): at the default t = 1 the
+    diffusion noise is 3x smaller against bf16's rounding, and RADAR promises nothing in bf16 (docs/deployment.md).
     """
     work = tmp_path_factory.mktemp("radar_t10_run")
     return train_reference(RADAR, REFERENCE_RADAR | {"timestep": 10}, demo_root, work, tiny_datamodule(demo_root))

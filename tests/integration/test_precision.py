@@ -37,8 +37,8 @@ SCORE_TOLERANCE = 1e-3
 # differences: 0.146 (RADAR), 0.031 (GLAD), 0.038 (DADDA). RADAR's map is the least exact: at timestep t = 10 the
 # diffusion noise is 3 % of the image, and bf16 rounds the noisy image to about 0.4 %, so the noise map moves by a
 # tenth; its image scores moved down by 0.06-0.2 while keeping their order (AUROC 1.0 in both) and every clear
-# label. That promise is RADAR's at t = 10 ("radar_t10"): at its default t = 2 (chosen on the devbench for f32) the
-# noise is 2.5x smaller against the same rounding, which was not measured on a CPU with bf16, so the default is
+# label. That promise is RADAR's at t = 10 ("radar_t10"): at its default t = 1 (chosen on the devbench for f32) the
+# noise is 3x smaller against the same rounding, which was not measured on a CPU with bf16, so the default is
 # promised nothing in bf16 (docs/deployment.md). With the paper's Isolation Forest (image_score="forest") the map
 # error jumps across the forest's splits instead (measured on the tiny model: AUROC 0.844 in f32, 0.688 in bf16),
 # so that head is promised nothing either.

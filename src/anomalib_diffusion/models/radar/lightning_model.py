@@ -125,7 +125,7 @@ class RADAR(CheckpointOwnerMixin, FittedModuleMixin, HoldoutMixin, AnomalibModul
         image_size: Sequence[int] | int = DEFAULT_IMAGE_SIZE,
         patch_size: int = 64,
         stride: int = 32,
-        timestep: int = 2,
+        timestep: int = 1,
         window_size: int = 32,
         inference_mode: InferenceMode = "full",
         block_out_channels: Sequence[int] = (8, 16),

@@ -82,7 +82,7 @@ class RADARModel(nn.Module):
         self,
         unet: UNetConfig,
         stride: int = 32,
-        timestep: int = 2,
+        timestep: int = 1,
         window_size: int = 32,
         inference_mode: InferenceMode = "full",
         train_timestep_range: tuple[int, int] = (0, 200),
