@@ -169,12 +169,13 @@ def quality(args: argparse.Namespace) -> None:
             for share in TOP_SHARES:  # RADAR's top_k_fraction (default 0.01) and its neighbours
                 top = flat.topk(max(1, int(share * flat.shape[1])), dim=1).values.mean(dim=1)
                 scores[f"image_top{share * 100:g}%_{name}"] = round(roc_auc_score(labels, top.numpy()), 3)
+                normal_top = top[~defective]
                 # a margin that AUROC 1.000 hides: the share of defective images above every normal one
-                above = (top[defective] > top[~defective].max()).float().mean()
+                above = (top[defective] > normal_top.max()).float().mean()
                 scores[f"tpr0_top{share * 100:g}%_{name}"] = round(float(above), 3)
                 # and one that keeps moving past it: the lowest defective score above the highest normal one, in
                 # standard deviations of the normal scores (negative: the two overlap)
-                gap = (top[defective].min() - top[~defective].max()) / top[~defective].std()
+                gap = (top[defective].min() - normal_top.max()) / normal_top.std()
                 scores[f"margin_top{share * 100:g}%_{name}"] = round(float(gap), 2)
         features = {key: edge_features(sobel_edge_map(images), 32) for key, images in (("held", held), ("test", test))}
         forest = TensorIsolationForest(n_estimators=100)

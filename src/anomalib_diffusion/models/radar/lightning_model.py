@@ -128,7 +128,7 @@ class RADAR(CheckpointOwnerMixin, FittedModuleMixin, HoldoutMixin, AnomalibModul
         timestep: int = 1,
         window_size: int = 32,
         inference_mode: InferenceMode = "full",
-        block_out_channels: Sequence[int] = (8, 16),
+        block_out_channels: Sequence[int] = (8, 8),
         attention_resolutions: Sequence[int] = (),
         mid_attention: bool = False,
         layers_per_block: int = 1,
