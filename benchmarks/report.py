@@ -22,11 +22,13 @@ One command writes ``docs/benchmarks.md`` and the PNG figures it shows (``docs/f
 
 Rerun (writes the page and figures; the demo data is generated when --root is not given)::
 
-    python benchmarks/report.py --categories brick          # the committed page
-    # the demo brick and the six devbench textures at the issues' budget, the held-out half apart (about 2 h here)
+    # the committed page: the demo brick and the six devbench textures at the issues' budget, the held-out half
+    # apart (about 2 h here; the same --work-dir resumes an interrupted run)
     python benchmarks/report.py --config configs/benchmark_devbench.yaml --textures ../shared/devbench/textures \
         --categories brick bump-relief melt vegetal hard-grain paper-torchon waveflex \
-        --held-out hard-grain paper-torchon waveflex --output docs/benchmarks/devbench.md --figures docs/figures/devbench
+        --held-out hard-grain paper-torchon waveflex --work-dir runs/report-devbench
+    # the demo grid of configs/benchmark.yaml (with DRAEM) on the demo brick (about 1 h)
+    python benchmarks/report.py --categories brick --output docs/benchmarks/brick.md --figures docs/figures/brick
     python benchmarks/report.py --root /data/mvtec_ad --categories bottle carpet
 
 Smoke test (tiny data and models; prints, writes nothing unless --output is given)::
@@ -37,6 +39,7 @@ Smoke test (tiny data and models; prints, writes nothing unless --output is give
 import argparse
 import json
 import os
+import pickle
 import signal
 import statistics
 import subprocess
@@ -195,7 +198,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--latency-runs", type=int, default=30)
     parser.add_argument("--warmup-runs", type=int, default=3)
     parser.add_argument("--seed", type=int, default=None, help="default: the config's benchmark.seed")
-    parser.add_argument("--work-dir", type=Path, default=None, help="keep data, runs and exports here")
+    parser.add_argument(
+        "--work-dir",
+        type=Path,
+        default=None,
+        help="keep data, runs and exports here; rerun with the same folder to resume an interrupted run (the quality "
+        "results of every category but the first, whose models are exported, are reused where seed and settings match)",
+    )
     parser.add_argument("--output", default=None, help=f"page path ('-' prints only; default {REPORT})")
     parser.add_argument("--figures", type=Path, default=None, help=f"folder for the PNGs (default {FIGURES})")
     parser.add_argument("--quick", action="store_true", help="tiny data and models; prints only")
@@ -348,6 +357,21 @@ def train_and_score(
     metrics["pixel_AUROC"] = float(roc_auc_score(masks, pixels))
     print(f"{name}: fit {fit_seconds:.0f} s, {metrics}", flush=True)
     return model, runner, Run(metrics, fit_seconds, np.asarray(scores), np.asarray(labels), maps)
+
+
+def load_run(path: Path, settings: dict, seed: int) -> Run | None:
+    """A run saved by an earlier, interrupted report with the same settings and seed (``--work-dir``), or None."""
+    if not path.is_file():
+        return None
+    saved = pickle.loads(path.read_bytes())  # noqa: S301 - written by this script into the user's own work dir
+    return saved["run"] if saved["settings"] == settings and saved["seed"] == seed else None
+
+
+def save_run(path: Path, run: Run, settings: dict, seed: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    partial.write_bytes(pickle.dumps({"run": run, "settings": settings, "seed": seed}))
+    partial.replace(path)
 
 
 def export(
@@ -926,8 +950,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             data = datamodule(root, category, seed, batch)
             results[category] = {}
             for name, settings in grid.items():
+                saved = work / "runs" / category / name / "run.pkl"
+                if category != categories[0] and (run := load_run(saved, settings, seed)) is not None:
+                    print(f"{category} {name}: reused {saved} (fit {run.fit_seconds:.0f} s)", flush=True)
+                    results[category][name] = run
+                    continue
                 model, runner, run = train_and_score(name, settings, data, work / "runs" / category / name, seed)
                 results[category][name] = run
+                save_run(saved, run, settings, seed)
                 if category == categories[0]:
                     trained[name] = (model, runner)
         if args.quality_only:
