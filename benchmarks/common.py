@@ -224,13 +224,16 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """Readers see the old report or the new one, never a half-written file."""
+def write_atomically(path: Path, text: str | bytes) -> None:
+    """Readers see the old report (or saved result) or the new one, never a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     # Same folder, so the rename is atomic; a plain open (not mkstemp's 0600) keeps the usual permissions.
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        temporary.write_text(text, encoding="utf-8")
+        if isinstance(text, bytes):
+            temporary.write_bytes(text)
+        else:
+            temporary.write_text(text, encoding="utf-8")
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)

@@ -203,7 +203,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=Path,
         default=None,
         help="keep data, runs and exports here; rerun with the same folder to resume an interrupted run (the quality "
-        "results of every category but the first, whose models are exported, are reused where seed and settings match)",
+        "results of every category but the first, whose models are exported, are reused where data, seed and settings match)",
     )
     parser.add_argument("--output", default=None, help=f"page path ('-' prints only; default {REPORT})")
     parser.add_argument("--figures", type=Path, default=None, help=f"folder for the PNGs (default {FIGURES})")
@@ -359,19 +359,16 @@ def train_and_score(
     return model, runner, Run(metrics, fit_seconds, np.asarray(scores), np.asarray(labels), maps)
 
 
-def load_run(path: Path, settings: dict, seed: int) -> Run | None:
-    """A run saved by an earlier, interrupted report with the same settings and seed (``--work-dir``), or None."""
+def load_run(path: Path, key: dict) -> Run | None:
+    """A run saved by an earlier, interrupted report under the same key (``--work-dir``), or None."""
     if not path.is_file():
         return None
     saved = pickle.loads(path.read_bytes())  # noqa: S301 - written by this script into the user's own work dir
-    return saved["run"] if saved["settings"] == settings and saved["seed"] == seed else None
+    return saved["run"] if saved.get("key") == key else None
 
 
-def save_run(path: Path, run: Run, settings: dict, seed: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
-    partial.write_bytes(pickle.dumps({"run": run, "settings": settings, "seed": seed}))
-    partial.replace(path)
+def save_run(path: Path, run: Run, key: dict) -> None:
+    write_atomically(path, pickle.dumps({"run": run, "key": key}))
 
 
 def export(
@@ -950,14 +947,16 @@ def main(argv: Sequence[str] | None = None) -> None:
             data = datamodule(root, category, seed, batch)
             results[category] = {}
             for name, settings in grid.items():
-                saved = work / "runs" / category / name / "run.pkl"
-                if category != categories[0] and (run := load_run(saved, settings, seed)) is not None:
-                    print(f"{category} {name}: reused {saved} (fit {run.fit_seconds:.0f} s)", flush=True)
+                run_dir = work / "runs" / category / name
+                # A saved run counts only for the same data, settings, seed and batch.
+                key = {"root": str(root.resolve()), "settings": settings, "seed": seed, "batch": batch}
+                if category != categories[0] and (run := load_run(run_dir / "run.pkl", key)) is not None:
+                    print(f"{category} {name}: reused {run_dir / 'run.pkl'} (fit {run.fit_seconds:.0f} s)", flush=True)
                     results[category][name] = run
                     continue
-                model, runner, run = train_and_score(name, settings, data, work / "runs" / category / name, seed)
+                model, runner, run = train_and_score(name, settings, data, run_dir, seed)
                 results[category][name] = run
-                save_run(saved, run, settings, seed)
+                save_run(run_dir / "run.pkl", run, key)
                 if category == categories[0]:
                     trained[name] = (model, runner)
         if args.quality_only:
