@@ -71,11 +71,50 @@ class TestPerlinAnomalySynthesis:
             ({"fill_modes": ("paint",)}, "fill_modes"),
             ({"foreground": "grabcut"}, "foreground='grabcut'"),
             ({"threshold": 2.0}, "threshold=2.0"),
+            ({"stroke_fraction": -0.1}, "stroke_fraction=-0.1"),
+            ({"stroke_length_range": (0.5, 0.1)}, "stroke_length_range"),
+            ({"stroke_width_range": (0.0, 2.0)}, "stroke_width_range"),
         ],
     )
     def test_invalid_settings_are_named(self, settings: dict, named: str) -> None:
         with pytest.raises(ValueError, match=named):
             PerlinAnomalySynthesis(**settings)
+
+    def test_strokes_are_thin_and_long(self) -> None:
+        """A stroke's mask is one thin band: its area is about length x width, its extent about its length."""
+        torch.manual_seed(6)
+        synthesis = PerlinAnomalySynthesis(
+            probability=1.0, stroke_fraction=1.0, stroke_length_range=(0.4, 0.4), stroke_width_range=(4.0, 4.0)
+        )
+        for _ in range(10):
+            mask = synthesis.stroke_mask(256, 256)[0]
+            area = int(mask.sum())
+            if area == 0:  # centred near a corner, wholly clipped: possible, rare
+                continue
+            rows, cols = mask.nonzero(as_tuple=True)
+            extent = max(int(rows.max() - rows.min()), int(cols.max() - cols.min())) + 1
+            assert area <= 1.3 * 0.4 * 256 * 4, "no wider than asked"
+            assert extent <= 0.4 * 256 + 4
+            assert area / extent <= 8, f"thin: {area} px over an extent of {extent}"
+
+    def test_without_strokes_the_random_stream_is_unchanged(self) -> None:
+        """stroke_fraction=0 (the default) makes no extra draw: GLAD's and D-ADDA's defaults repeat as before."""
+        results = []
+        for settings in ({}, {"stroke_fraction": 0.0}):
+            torch.manual_seed(7)
+            results.append(PerlinAnomalySynthesis(probability=1.0, **settings)(images()))
+        assert torch.equal(results[0][0], results[1][0])
+        assert torch.equal(results[0][1], results[1][1])
+
+    def test_stroke_share_follows_stroke_fraction(self) -> None:
+        """Strokes cover far less of the image than Perlin blobs: half of the samples are thin at 0.5."""
+        torch.manual_seed(8)
+        _, masks = PerlinAnomalySynthesis(probability=1.0, stroke_fraction=0.5)(torch.rand(60, 3, 64, 64))
+        thin = (masks.flatten(1).mean(dim=1) < 0.06).float().mean().item()
+        assert 0.3 < thin < 0.75, f"{thin:.2f} of the masks thin"
+        torch.manual_seed(8)
+        _, blobs = PerlinAnomalySynthesis(probability=1.0)(torch.rand(60, 3, 64, 64))
+        assert (blobs.flatten(1).mean(dim=1) < 0.06).float().mean().item() < thin
 
     def test_rejects_unbatched_images(self) -> None:
         with pytest.raises(ValueError, match="batch, channels, height, width"):

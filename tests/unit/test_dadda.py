@@ -296,6 +296,7 @@ class TestDADDAConfig:
             ({"detector_crop": 32}, "detector_crop=32 must be at least patch_size=64"),
             ({"generator_target": "noise"}, "generator_target='noise' must be one of 'epsilon', 'sample'"),
             ({"generator_guidance": 0.0}, "generator_guidance=0.0 must be at least 1"),
+            ({"procedural_stroke_fraction": 1.5}, r"procedural_stroke_fraction=1.5 must be in \[0, 1\]"),
         ],
     )
     def test_bad_settings_are_named(self, settings: dict, named: str) -> None:
@@ -577,23 +578,51 @@ class TestGeneratedPool:
         model.defective_batch(model._normal_images[:4], 1.0, 1.0, torch.tensor([0, 2, 1, 0]))
         assert calls == [([0, 2, 0], True, 0.5), ([1], False, 1.0)], "crack is held by no region: pure noise"
 
-    def test_the_pool_depends_on_the_generator_alone_and_leaves_the_random_stream_as_it_was(self) -> None:
+    def test_the_pool_depends_on_its_seed_alone_and_leaves_the_random_stream_as_it_was(self) -> None:
         """What a run resumed in the detector phase needs: the same pool, and training's random draws unchanged."""
+
+        def pool(model: DADDA) -> torch.Tensor:
+            return torch.cat([cutout.patch.flatten() for cutout in model.generated_dam.bank.cutouts])
+
         pools = []
-        for seed in (1, 2):
+        for stream_seed in (1, 2):
             model = dadda_with_bank("both")
-            model.generated_pool = 3
-            torch.manual_seed(seed)
+            model.generated_pool, model._pool_seed = 3, 7
+            torch.manual_seed(stream_seed)
             before = torch.get_rng_state()
             model.build_generated_pool()
             assert torch.equal(torch.get_rng_state(), before)
-            pools.append(torch.cat([cutout.patch.flatten() for cutout in model.generated_dam.bank.cutouts]))
+            pools.append(pool(model))
         torch.testing.assert_close(pools[0], pools[1], rtol=0, atol=0)
-        with torch.no_grad():
-            next(model.model.generator.parameters()).add_(0.01)
+        masks = [cutout.mask for cutout in model.generated_dam.bank.cutouts]
+        with torch.no_grad():  # a last-bit change in the generator's weights draws the same masks on the same images
+            next(model.model.generator.parameters()).mul_(1 + 1e-7)
         model.build_generated_pool()
-        changed = torch.cat([cutout.patch.flatten() for cutout in model.generated_dam.bank.cutouts])
-        assert changed.shape != pools[0].shape or not torch.equal(changed, pools[0]), "another generator, another pool"
+        redrawn = [cutout.mask for cutout in model.generated_dam.bank.cutouts]
+        assert len(redrawn) == len(masks)
+        assert all(torch.equal(a, b) for a, b in zip(redrawn, masks, strict=True))
+        model._pool_seed = 8
+        model.build_generated_pool()
+        other = pool(model)
+        assert other.shape != pools[0].shape or not torch.equal(other, pools[0]), "another seed, another pool"
+
+    def test_the_pool_seed_is_drawn_at_fit_start_and_kept_in_checkpoints(self) -> None:
+        model = dadda_with_bank("both")
+        model._pool_seed = 1234
+        checkpoint: dict = {}
+        model.on_save_checkpoint(checkpoint)
+        restored = dadda_with_bank("both")
+        restored.on_load_checkpoint(checkpoint)
+        assert restored._resumed_pool_seed == 1234
+        outside_a_fit = dadda_with_bank("both")
+        outside_a_fit.generated_pool = 3
+        torch.manual_seed(5)
+        outside_a_fit.build_generated_pool()
+        first = torch.cat([cutout.patch.flatten() for cutout in outside_a_fit.generated_dam.bank.cutouts])
+        torch.manual_seed(5)
+        outside_a_fit.build_generated_pool()
+        second = torch.cat([cutout.patch.flatten() for cutout in outside_a_fit.generated_dam.bank.cutouts])
+        torch.testing.assert_close(first, second, rtol=0, atol=0, msg="outside a fit the seed comes from the stream")
 
     def test_a_pool_of_zero_samples_inside_every_step_as_before(self) -> None:
         model = dadda_with_bank("both")
@@ -610,6 +639,22 @@ class TestGeneratedPool:
         model.build_generated_pool()
         assert set(model.generated_dam.bank.counts()) == {"blob", "crack", "scratch"}
         assert min(model.generated_dam.bank.counts().values()) >= 1
+
+    def test_procedural_stroke_fraction_seeds_thin_strokes(self) -> None:
+        """One-class: with procedural_stroke_fraction=1 every procedural seed is a thin stroke, not a blob."""
+        normal = (0.5 + 0.05 * torch.randn(8, 3, 64, 64)).clamp(0, 1)
+        shares = {}
+        for fraction in (0.0, 1.0):
+            model = tiny_head_dadda(procedural_seeds=12, procedural_stroke_fraction=fraction)
+            torch.manual_seed(1)
+            model._build_defect_bank(normal, None)
+            cutouts = model.dam.bank.cutouts
+            assert len(cutouts) == 12
+            # Area over the longer side of the bounding box: a stroke's width (a pixel or two at 64 px); a blob's is larger.
+            widths = [float(c.mask.sum()) / max(c.mask.shape[-2:]) for c in cutouts]
+            shares[fraction] = max(widths) if fraction else min(widths)
+        assert shares[1.0] <= 3.0, f"every stroke thin: widest {shares[1.0]:.1f} px"
+        assert shares[0.0] > shares[1.0], f"blobs wider: narrowest {shares[0.0]:.1f} px"
 
     def test_a_new_fit_rebuilds_the_pool_from_its_own_generator(self) -> None:
         model = dadda_with_bank("both")

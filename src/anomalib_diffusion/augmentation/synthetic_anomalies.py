@@ -8,6 +8,9 @@ normal images, following GLAD's recipe (itself DRAEM's):
    at a random scale ``2**U{a..b}`` per axis, rotated by a random angle, thresholded. For object
    categories the mask can be limited to the object's foreground, found with Otsu's threshold
    (scikit-image) on the grey image; the background is the side that covers most of the border.
+   With ``stroke_fraction`` above 0, that share of the masks is a thin, slightly bent stroke instead (the
+   long thin "scar" of CutPaste, Li et al. 2021, longer and bent): Perlin blobs are compact, so a model
+   trained on them alone never sees a thin, elongated anomaly such as a scratch or a crack.
 2. **Fill**: a procedural colour texture (Perlin fields per channel, no image download) or the
    image's own blocks shuffled on a grid, so the anomaly has the image's colours but not its structure.
 3. **Blend**: ``x_anom = (1 - m) x + m ((1 - beta) fill + beta x)`` with ``beta ~ U(blend_range)``:
@@ -51,6 +54,12 @@ class PerlinAnomalySynthesis(nn.Module):
             ``"none"`` allows them anywhere (textures).
         generator: Optional ``torch.Generator`` for the draws made here (Perlin noise itself
             uses torch's global generator, as in anomalib).
+        stroke_fraction: Share of the masks that are thin strokes instead of Perlin blobs, filled with the
+            procedural texture (the image's shuffled blocks would hide a thin stroke). ``0``: none (and no
+            extra random draw, so the random stream is as without the option).
+        stroke_length_range: Stroke length as a share of the image's shorter side, drawn uniformly.
+        stroke_width_range: Stroke width in pixels at 256 px (scaled with the image, at least 1 px), drawn
+            uniformly.
 
     Example:
         >>> synthesis = PerlinAnomalySynthesis(probability=1.0)
@@ -70,9 +79,16 @@ class PerlinAnomalySynthesis(nn.Module):
         shuffle_grid: int = 8,
         foreground: Foreground = "none",
         generator: torch.Generator | None = None,
+        stroke_fraction: float = 0.0,
+        stroke_length_range: Sequence[float] = (0.1, 0.5),
+        stroke_width_range: Sequence[float] = (2.0, 6.0),
     ) -> None:
         super().__init__()
         _check_settings(probability, scale_exponent_range, threshold, blend_range, fill_modes, shuffle_grid, foreground)
+        _check_strokes(stroke_fraction, stroke_length_range, stroke_width_range)
+        self.stroke_fraction = float(stroke_fraction)
+        self.stroke_length_range = (float(stroke_length_range[0]), float(stroke_length_range[1]))
+        self.stroke_width_range = (float(stroke_width_range[0]), float(stroke_width_range[1]))
         self.probability = probability
         self.scale_exponent_range = (int(scale_exponent_range[0]), int(scale_exponent_range[1]))
         self.threshold = threshold
@@ -93,21 +109,30 @@ class PerlinAnomalySynthesis(nn.Module):
         for index in range(images.shape[0]):
             if self._uniform(0.0, 1.0) >= self.probability:
                 continue
-            mask = self.draw_mask(images[index])
+            stroke = self.stroke_fraction > 0 and self._uniform(0.0, 1.0) < self.stroke_fraction
+            mask = self.draw_mask(images[index], stroke=stroke)
             if not mask.any():
                 continue
-            fill = self.draw_fill(images[index])
+            # A stroke of the image's own shuffled blocks is mostly invisible: strokes take the foreign texture.
+            fill = self.procedural_texture(*images.shape[-2:]).to(images) if stroke else self.draw_fill(images[index])
             beta = self._uniform(*self.blend_range)
             anomaly = (1 - beta) * fill + beta * images[index]
             outputs[index] = torch.where(mask.bool(), anomaly, images[index])
             masks[index] = mask
         return outputs, masks
 
-    def draw_mask(self, image: torch.Tensor) -> torch.Tensor:
-        """``(1, H, W)`` binary Perlin mask (inside the foreground if asked); may be empty."""
+    def draw_mask(self, image: torch.Tensor, stroke: bool = False) -> torch.Tensor:
+        """``(1, H, W)`` binary Perlin mask, or a stroke (inside the foreground if asked); may be empty."""
         height, width = image.shape[-2:]
         foreground = otsu_foreground(image) if self.foreground == "otsu" else None
         for _ in range(MAX_MASK_TRIES):
+            if stroke:
+                mask = self.stroke_mask(height, width).to(image.device)
+                if foreground is not None:
+                    mask = mask * foreground
+                if mask.any():
+                    break
+                continue
             noise = generate_perlin_noise(height, width, scale=self._perlin_scale(), device=torch.device("cpu"))
             angle = self._uniform(*self.rotation_range)
             noise = rotate(noise[None], angle, interpolation=InterpolationMode.BILINEAR, fill=[-1.0])
@@ -117,6 +142,26 @@ class PerlinAnomalySynthesis(nn.Module):
             if mask.any():
                 break
         return mask
+
+    def stroke_mask(self, height: int, width: int) -> torch.Tensor:
+        """``(1, H, W)`` thin stroke: a band of random width around a parabolic arc, anywhere, at any angle."""
+        side = min(height, width)
+        length = self._uniform(*self.stroke_length_range) * side
+        thickness = max(1.0, self._uniform(*self.stroke_width_range) * side / 256)
+        angle = self._uniform(0.0, float(np.pi))
+        centre_y, centre_x = self._uniform(0.0, height), self._uniform(0.0, width)
+        sagitta = self._uniform(-0.2, 0.2) * length  # how far the arc's middle leaves the chord
+        ys, xs = torch.meshgrid(
+            torch.arange(height, dtype=torch.float32) + 0.5,
+            torch.arange(width, dtype=torch.float32) + 0.5,
+            indexing="ij",
+        )
+        along = (xs - centre_x) * np.cos(angle) + (ys - centre_y) * np.sin(angle)
+        across = (ys - centre_y) * np.cos(angle) - (xs - centre_x) * np.sin(angle)
+        position = along / (length / 2)
+        arc = sagitta * (1 - position**2)
+        mask = (position.abs() <= 1) & ((across - arc).abs() <= thickness / 2)
+        return mask.float()[None]
 
     def draw_fill(self, image: torch.Tensor) -> torch.Tensor:
         """``(3, H, W)`` foreign content: a procedural texture or the image's shuffled blocks."""
@@ -175,6 +220,19 @@ def shuffle_blocks(image: torch.Tensor, grid: int, generator: torch.Generator | 
     output = image.clone()
     output[:, : grid * block_h, : grid * block_w] = shuffled.reshape(channels, grid * block_h, grid * block_w)
     return output
+
+
+def _check_strokes(fraction: float, length_range: Sequence[float], width_range: Sequence[float]) -> None:
+    problems = []
+    if not 0 <= fraction <= 1:
+        problems.append(f"stroke_fraction={fraction} must be in [0, 1]")
+    if len(length_range) != 2 or not 0 < length_range[0] <= length_range[1] <= 1:  # noqa: PLR2004
+        problems.append(f"stroke_length_range={list(length_range)} must be [low, high] with 0 < low <= high <= 1")
+    if len(width_range) != 2 or not 0 < width_range[0] <= width_range[1]:  # noqa: PLR2004
+        problems.append(f"stroke_width_range={list(width_range)} must be [low, high] pixels with 0 < low <= high")
+    if problems:
+        msg = "Invalid PerlinAnomalySynthesis settings: " + "; ".join(problems) + "."
+        raise ValueError(msg)
 
 
 def _check_settings(

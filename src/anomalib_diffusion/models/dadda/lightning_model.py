@@ -75,6 +75,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_IMAGE_SIZE = (256, 256)
 TYPE_NAMES_KEY = "dadda_defect_types"
+POOL_SEED_KEY = "dadda_generated_pool_seed"
 # Normal training images kept for procedural seeding and for generating the head's training set.
 MAX_NORMAL_IMAGES = 64
 
@@ -109,6 +110,8 @@ class DADDA(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
             defects found at fit time (sorted); federated sites pass the same list so indices agree.
         max_defect_types: Size of the type tables (generator class embedding, type head).
         procedural_seeds: Procedural defects seeded into the bank when no real defects are lent.
+        procedural_stroke_fraction: Share of those seeds that are thin, bent strokes (CutPaste's "scar", longer)
+            instead of Perlin blobs, so the detector also learns thin, elongated defects (scratches, cracks).
         defect_foreground: ``"none"`` (textures) or ``"otsu"`` (objects: defects on the object only).
         blending: DAM paste blending: ``"alpha"``, ``"poisson"`` or ``"mixed"``.
         defect_probability: Share of detector training images that carry a defect.
@@ -161,6 +164,7 @@ class DADDA(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
         defect_types: Sequence[str] | None = None,
         max_defect_types: int = 16,
         procedural_seeds: int = 64,
+        procedural_stroke_fraction: float = 0.5,
         defect_foreground: str = "none",
         blending: str = "mixed",
         defect_probability: float = 0.7,
@@ -195,6 +199,7 @@ class DADDA(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
             patch_size,
             generator_target,
             generator_guidance,
+            procedural_stroke_fraction,
         )
         if pre_processor is True:
             pre_processor = self.configure_pre_processor(image_size)
@@ -212,6 +217,7 @@ class DADDA(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
         self.min_image_size = patch_size
         self.patch_size = patch_size
         self.procedural_seeds = procedural_seeds
+        self.procedural_stroke_fraction = procedural_stroke_fraction
         self.defect_foreground = defect_foreground
         self.blending = blending
         self.defect_probability = defect_probability
@@ -248,6 +254,8 @@ class DADDA(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
         self.fit_type_head_at_end = True
         self._typed_regions = True
         self._normal_images: torch.Tensor | None = None
+        self._pool_seed: int | None = None
+        self._resumed_pool_seed: int | None = None
         # Defect-type counts: [correct in the true region, images scored; correct in the model's own region, scored].
         self._type_hits = torch.zeros(4, dtype=torch.long)
 
@@ -278,6 +286,11 @@ class DADDA(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
             self._collect_normal_images(training_images_loader(self)),
             self._load_real_defects(getattr(datamodule, "defect_data", None)),
         )
+        # The generated pool's seed: drawn from the run's random stream (so the run's seed fixes it), kept in
+        # checkpoints (so a run resumed in the detector phase rebuilds the same pool).
+        resumed, self._resumed_pool_seed = self._resumed_pool_seed, None
+        drawn = int(torch.randint(2**31 - 1, ()))
+        self._pool_seed = resumed if resumed is not None and self.trainer.ckpt_path is not None else drawn
         super().on_fit_start()  # last: a resumed run restores its random generators here
 
     def prepare_defect_bank(self, datamodule: AnomalibDataModule) -> None:
@@ -307,6 +320,7 @@ class DADDA(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
                     probability=1.0,
                     scale_exponent_range=(2, 4),
                     foreground=self.defect_foreground,  # type: ignore[arg-type]
+                    stroke_fraction=self.procedural_stroke_fraction,
                 ),
             )
             logger.info("D-ADDA: no real defects lent; the defect bank holds %d procedural seeds.", len(bank))
@@ -503,8 +517,11 @@ class DADDA(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
         Each is sampled with DDIM inside a DAM mask (of its type where the bank holds one) on a normal
         training image, and cut out along its mask into a :class:`DefectBank`, which a second DAM pastes
         with the same augmentation, mask variation and blending as the real defects. The draws use torch's
-        random generator seeded from the trained generator's weights and then restored: a run resumed in
-        the detector phase rebuilds the same pool, and training's own random stream is left as it was.
+        random generator seeded with a seed drawn from the run's random stream when the fit started (kept in
+        checkpoints, so a run resumed in the detector phase rebuilds the same pool; outside a fit, drawn now)
+        and then restored: training's own random stream is left as it was. (Until 2026-12-06 the seed was a
+        checksum of the trained generator's weights, so a last-bit difference in any weight, such as another
+        CPU's rounding, drew a different pool.)
         """
         dam = self._require_dam()
         normal_images = self._normal_images
@@ -512,20 +529,14 @@ class DADDA(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
         if self.generated_pool == 0 or self.generated_fraction == 0 or not types or normal_images is None:
             return
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self._generator_fingerprint())
+            seed = self._pool_seed if self._pool_seed is not None else int(torch.randint(2**31 - 1, ()))
+            torch.manual_seed(seed)
             bank = self._generate_pool_bank(normal_images, types)
         if bank is None:
             logger.warning("D-ADDA: the generator made no usable defect; the detector trains on DAM pastes only.")
             return
         self.generated_dam = DataAugmentationModule(bank, paste=dam.paste)
         logger.info("D-ADDA: the detector draws generated defects from %s regions per type.", bank.counts())
-
-    def _generator_fingerprint(self) -> int:
-        """A seed that depends only on the generator's weights (the same after a resume)."""
-        total = torch.zeros((), dtype=torch.float64)
-        for index, parameter in enumerate(self.model.generator.parameters(), start=1):
-            total += index * parameter.detach().double().abs().sum().cpu()
-        return int(total.item() * 1e6) % (2**31)
 
     def _generate_pool_bank(self, normal_images: torch.Tensor, types: list[int]) -> DefectBank | None:
         was_training = self.training
@@ -771,10 +782,13 @@ class DADDA(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint[TYPE_NAMES_KEY] = list(self.type_names)
+        if self._pool_seed is not None:
+            checkpoint[POOL_SEED_KEY] = self._pool_seed
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
         self.type_names = list(checkpoint.get(TYPE_NAMES_KEY, []))
+        self._resumed_pool_seed = checkpoint.get(POOL_SEED_KEY)
 
     def is_fitted(self) -> bool:
         return bool(self.model.fitted)
@@ -794,10 +808,13 @@ def _check_dadda_config(
     patch_size: int = 64,
     generator_target: str = "epsilon",
     generator_guidance: float = 1.0,
+    procedural_stroke_fraction: float = 0.0,
 ) -> None:
     problems = _generation_problems(
         generated_pool, detector_crop, generation_strength, patch_size, generator_target, generator_guidance
     )
+    if not 0 <= procedural_stroke_fraction <= 1:
+        problems.append(f"procedural_stroke_fraction={procedural_stroke_fraction} must be in [0, 1]")
     if type_head_source not in {"both", "generated", "dam"}:
         problems.append(f"type_head_source={type_head_source!r} must be 'both', 'generated' or 'dam'")
     if generator_steps < 0:
