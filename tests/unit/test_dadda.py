@@ -364,6 +364,11 @@ def dadda_with_bank(type_head_source: str, defect_types: list[str] | None = None
     return model
 
 
+def pool_patches(model: DADDA) -> torch.Tensor:
+    """Every generated-pool cutout's patch, flattened end to end."""
+    return torch.cat([cutout.patch.flatten() for cutout in model.generated_dam.bank.cutouts])
+
+
 def two_type_accuracy(model: DADDA) -> float:
     """The fitted head's accuracy on 20 held-out blobs and scratches, read inside their true masks."""
     images, masks, names = two_type_defects(10, seed=1)
@@ -580,10 +585,6 @@ class TestGeneratedPool:
 
     def test_the_pool_depends_on_its_seed_alone_and_leaves_the_random_stream_as_it_was(self) -> None:
         """What a run resumed in the detector phase needs: the same pool, and training's random draws unchanged."""
-
-        def pool(model: DADDA) -> torch.Tensor:
-            return torch.cat([cutout.patch.flatten() for cutout in model.generated_dam.bank.cutouts])
-
         pools = []
         for stream_seed in (1, 2):
             model = dadda_with_bank("both")
@@ -592,7 +593,7 @@ class TestGeneratedPool:
             before = torch.get_rng_state()
             model.build_generated_pool()
             assert torch.equal(torch.get_rng_state(), before)
-            pools.append(pool(model))
+            pools.append(pool_patches(model))
         torch.testing.assert_close(pools[0], pools[1], rtol=0, atol=0)
         masks = [cutout.mask for cutout in model.generated_dam.bank.cutouts]
         with torch.no_grad():  # a last-bit change in the generator's weights draws the same masks on the same images
@@ -603,7 +604,7 @@ class TestGeneratedPool:
         assert all(torch.equal(a, b) for a, b in zip(redrawn, masks, strict=True))
         model._pool_seed = 8
         model.build_generated_pool()
-        other = pool(model)
+        other = pool_patches(model)
         assert other.shape != pools[0].shape or not torch.equal(other, pools[0]), "another seed, another pool"
 
     def test_the_pool_seed_is_drawn_at_fit_start_and_kept_in_checkpoints(self) -> None:
@@ -618,10 +619,10 @@ class TestGeneratedPool:
         outside_a_fit.generated_pool = 3
         torch.manual_seed(5)
         outside_a_fit.build_generated_pool()
-        first = torch.cat([cutout.patch.flatten() for cutout in outside_a_fit.generated_dam.bank.cutouts])
+        first = pool_patches(outside_a_fit)
         torch.manual_seed(5)
         outside_a_fit.build_generated_pool()
-        second = torch.cat([cutout.patch.flatten() for cutout in outside_a_fit.generated_dam.bank.cutouts])
+        second = pool_patches(outside_a_fit)
         torch.testing.assert_close(first, second, rtol=0, atol=0, msg="outside a fit the seed comes from the stream")
 
     def test_a_pool_of_zero_samples_inside_every_step_as_before(self) -> None:

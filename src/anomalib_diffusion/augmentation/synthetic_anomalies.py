@@ -84,8 +84,16 @@ class PerlinAnomalySynthesis(nn.Module):
         stroke_width_range: Sequence[float] = (2.0, 6.0),
     ) -> None:
         super().__init__()
-        _check_settings(probability, scale_exponent_range, threshold, blend_range, fill_modes, shuffle_grid, foreground)
-        _check_strokes(stroke_fraction, stroke_length_range, stroke_width_range)
+        _check_settings(
+            probability,
+            scale_exponent_range,
+            threshold,
+            blend_range,
+            fill_modes,
+            shuffle_grid,
+            foreground,
+            (stroke_fraction, stroke_length_range, stroke_width_range),
+        )
         self.stroke_fraction = float(stroke_fraction)
         self.stroke_length_range = (float(stroke_length_range[0]), float(stroke_length_range[1]))
         self.stroke_width_range = (float(stroke_width_range[0]), float(stroke_width_range[1]))
@@ -126,22 +134,20 @@ class PerlinAnomalySynthesis(nn.Module):
         height, width = image.shape[-2:]
         foreground = otsu_foreground(image) if self.foreground == "otsu" else None
         for _ in range(MAX_MASK_TRIES):
-            if stroke:
-                mask = self.stroke_mask(height, width).to(image.device)
-                if foreground is not None:
-                    mask = mask * foreground
-                if mask.any():
-                    break
-                continue
-            noise = generate_perlin_noise(height, width, scale=self._perlin_scale(), device=torch.device("cpu"))
-            angle = self._uniform(*self.rotation_range)
-            noise = rotate(noise[None], angle, interpolation=InterpolationMode.BILINEAR, fill=[-1.0])
-            mask = (noise > self.threshold).float().to(image.device)
+            shape = self.stroke_mask(height, width) if stroke else self.perlin_mask(height, width)
+            mask = shape.to(image.device)
             if foreground is not None:
                 mask = mask * foreground
             if mask.any():
                 break
         return mask
+
+    def perlin_mask(self, height: int, width: int) -> torch.Tensor:
+        """``(1, H, W)`` thresholded Perlin noise at a random scale and angle."""
+        noise = generate_perlin_noise(height, width, scale=self._perlin_scale(), device=torch.device("cpu"))
+        angle = self._uniform(*self.rotation_range)
+        noise = rotate(noise[None], angle, interpolation=InterpolationMode.BILINEAR, fill=[-1.0])
+        return (noise > self.threshold).float()
 
     def stroke_mask(self, height: int, width: int) -> torch.Tensor:
         """``(1, H, W)`` thin stroke: a band of random width around a parabolic arc, anywhere, at any angle."""
@@ -222,19 +228,6 @@ def shuffle_blocks(image: torch.Tensor, grid: int, generator: torch.Generator | 
     return output
 
 
-def _check_strokes(fraction: float, length_range: Sequence[float], width_range: Sequence[float]) -> None:
-    problems = []
-    if not 0 <= fraction <= 1:
-        problems.append(f"stroke_fraction={fraction} must be in [0, 1]")
-    if len(length_range) != 2 or not 0 < length_range[0] <= length_range[1] <= 1:  # noqa: PLR2004
-        problems.append(f"stroke_length_range={list(length_range)} must be [low, high] with 0 < low <= high <= 1")
-    if len(width_range) != 2 or not 0 < width_range[0] <= width_range[1]:  # noqa: PLR2004
-        problems.append(f"stroke_width_range={list(width_range)} must be [low, high] pixels with 0 < low <= high")
-    if problems:
-        msg = "Invalid PerlinAnomalySynthesis settings: " + "; ".join(problems) + "."
-        raise ValueError(msg)
-
-
 def _check_settings(
     probability: float,
     scale_exponent_range: Sequence[int],
@@ -243,6 +236,7 @@ def _check_settings(
     fill_modes: Sequence[str],
     shuffle_grid: int,
     foreground: str,
+    strokes: tuple[float, Sequence[float], Sequence[float]] = (0.0, (0.1, 0.5), (2.0, 6.0)),
 ) -> None:
     problems = []
     if not 0 <= probability <= 1:
@@ -262,6 +256,13 @@ def _check_settings(
         problems.append(f"shuffle_grid={shuffle_grid} must be at least 2")
     if foreground not in {"none", "otsu"}:
         problems.append(f"foreground={foreground!r} must be 'none' (textures) or 'otsu' (objects)")
+    stroke_fraction, length_range, width_range = strokes
+    if not 0 <= stroke_fraction <= 1:
+        problems.append(f"stroke_fraction={stroke_fraction} must be in [0, 1]")
+    if len(length_range) != 2 or not 0 < length_range[0] <= length_range[1] <= 1:  # noqa: PLR2004
+        problems.append(f"stroke_length_range={list(length_range)} must be [low, high] with 0 < low <= high <= 1")
+    if len(width_range) != 2 or not 0 < width_range[0] <= width_range[1]:  # noqa: PLR2004
+        problems.append(f"stroke_width_range={list(width_range)} must be [low, high] pixels with 0 < low <= high")
     if problems:
         msg = "Invalid PerlinAnomalySynthesis settings: " + "; ".join(problems) + "."
         raise ValueError(msg)
