@@ -1,10 +1,13 @@
 """Unit tests of D-ADDA's networks, its configuration checks and the few-defects datamodule."""
 
+import math
 from pathlib import Path
 
 import pytest
 import torch
-from anomalib.data import InferenceBatch
+from anomalib.data import InferenceBatch, MVTecAD
+from anomalib.engine import Engine
+from lightning import Callback, Trainer
 
 from anomalib_diffusion.augmentation import DataAugmentationModule, DefectBank, DefectPaste
 from anomalib_diffusion.augmentation.defects import DefectSamples
@@ -297,6 +300,7 @@ class TestDADDAConfig:
             ({"generator_target": "noise"}, "generator_target='noise' must be one of 'epsilon', 'sample'"),
             ({"generator_guidance": 0.0}, "generator_guidance=0.0 must be at least 1"),
             ({"procedural_stroke_fraction": 1.5}, r"procedural_stroke_fraction=1.5 must be in \[0, 1\]"),
+            ({"detector_schedule": "linear"}, "detector_schedule='linear' must be one of 'constant', 'cosine'"),
         ],
     )
     def test_bad_settings_are_named(self, settings: dict, named: str) -> None:
@@ -664,6 +668,40 @@ class TestGeneratedPool:
         assert model.generated_dam is not None
         model._build_defect_bank(model._normal_images, two_type_defects(2, seed=3))
         assert model.generated_dam is None
+
+
+class TestDetectorSchedule:
+    @pytest.mark.parametrize("schedule", ["constant", "cosine"])
+    def test_the_detector_learning_rate_follows_the_schedule(
+        self, demo_root: Path, tmp_path: Path, schedule: str
+    ) -> None:
+        """The detector's optimiser steps at ``learning_rate`` (constant) or along a half cosine to 0 over its steps."""
+        learning_rates: list[tuple[float, float]] = []
+
+        class Recorder(Callback):
+            def on_train_batch_end(self, trainer: Trainer, *args: object) -> None:
+                del args
+                generator, detector = (optimizer.param_groups[0]["lr"] for optimizer in trainer.optimizers)
+                learning_rates.append((generator, detector))
+
+        model = tiny_head_dadda(
+            generator_steps=2, detector_steps=4, learning_rate=0.01, detector_schedule=schedule, procedural_seeds=4
+        )
+        engine = Engine(
+            default_root_dir=tmp_path,
+            accelerator="cpu",
+            devices=1,
+            logger=False,
+            enable_progress_bar=False,
+            callbacks=[Recorder()],
+        )
+        data = MVTecAD(root=demo_root, category="brick", train_batch_size=4, eval_batch_size=4, num_workers=0, seed=0)
+        engine.fit(model=model, datamodule=data)
+        expected = (
+            [0.01] * 4 if schedule == "constant" else [0.01 * (1 + math.cos(math.pi * k / 4)) / 2 for k in range(4)]
+        )
+        assert [generator for generator, _ in learning_rates] == [0.01] * 6, "the generator's rate never changes"
+        assert [detector for _, detector in learning_rates[2:]] == pytest.approx(expected, abs=1e-12)
 
 
 class TestDetectorCrop:

@@ -30,6 +30,7 @@ Example:
 """
 
 import logging
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -129,6 +130,8 @@ class DADDA(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
             defects), ``"generated"`` (generated only, the paper's protocol) or ``"dam"``.
         top_k_fraction: Share of the highest anomaly-map values averaged into the image score.
         learning_rate: AdamW learning rate of both networks.
+        detector_schedule: The detector's learning rate over its steps: ``"constant"``, or ``"cosine"`` (half a cosine
+            from ``learning_rate`` down to 0 at the last detector step; the generator's rate stays constant).
         pre_processor: ``True`` for the default (resize only), a pre-processor, or ``False``.
         post_processor: ``True`` for anomalib's default, a post-processor, or ``False``.
         evaluator: ``True`` for anomalib's default metrics, an evaluator, or ``False``.
@@ -177,6 +180,7 @@ class DADDA(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
         type_head_source: str = "both",
         top_k_fraction: float = 0.001,
         learning_rate: float = 1e-3,
+        detector_schedule: str = "constant",
         pre_processor: PreProcessor | bool = True,
         post_processor: bool = True,
         evaluator: Evaluator | bool = True,
@@ -200,6 +204,7 @@ class DADDA(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
             generator_target,
             generator_guidance,
             procedural_stroke_fraction,
+            detector_schedule,
         )
         if pre_processor is True:
             pre_processor = self.configure_pre_processor(image_size)
@@ -211,6 +216,7 @@ class DADDA(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
         )
         self.automatic_optimization = False
         self.learning_rate = learning_rate
+        self.detector_schedule = detector_schedule
         self.max_steps = max_steps
         self.generator_steps = generator_steps
         self.detector_steps = detector_steps
@@ -379,6 +385,10 @@ class DADDA(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
                 self.build_generated_pool()
             loss = self._detector_loss(batch.image)
             name, optimizer = "detector_loss", detector_optimizer
+            if self.detector_schedule == "cosine":
+                progress = min(max(self.global_step - self.generator_steps, 0) / self.detector_steps, 1.0)
+                for group in optimizer.param_groups:
+                    group["lr"] = self.learning_rate * 0.5 * (1 + math.cos(math.pi * progress))
         if loss is None:
             return None
         self.check_loss(loss)
@@ -809,14 +819,14 @@ def _check_dadda_config(
     generator_target: str = "epsilon",
     generator_guidance: float = 1.0,
     procedural_stroke_fraction: float = 0.0,
+    detector_schedule: str = "constant",
 ) -> None:
     problems = _generation_problems(
         generated_pool, detector_crop, generation_strength, patch_size, generator_target, generator_guidance
     )
     if not 0 <= procedural_stroke_fraction <= 1:
         problems.append(f"procedural_stroke_fraction={procedural_stroke_fraction} must be in [0, 1]")
-    if type_head_source not in {"both", "generated", "dam"}:
-        problems.append(f"type_head_source={type_head_source!r} must be 'both', 'generated' or 'dam'")
+    problems += _choice_problems(type_head_source=type_head_source, detector_schedule=detector_schedule)
     if generator_steps < 0:
         problems.append(f"generator_steps={generator_steps} must be 0 or more")
     if detector_steps < 1:
@@ -836,6 +846,18 @@ def _check_dadda_config(
     if problems:
         msg = "Invalid DADDA configuration: " + "; ".join(problems) + "."
         raise ValueError(msg)
+
+
+_CHOICES = {"type_head_source": ("both", "generated", "dam"), "detector_schedule": ("constant", "cosine")}
+
+
+def _choice_problems(**settings: str) -> list[str]:
+    """A problem for each of ``settings`` (names in ``_CHOICES``) that is none of its choices."""
+    return [
+        f"{name}={value!r} must be one of {', '.join(map(repr, _CHOICES[name]))}"
+        for name, value in settings.items()
+        if value not in _CHOICES[name]
+    ]
 
 
 def _generation_problems(
