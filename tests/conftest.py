@@ -215,11 +215,27 @@ def few_defects_datamodule(root: Path, defects_per_type: int = 1) -> MVTecADFewD
     )
 
 
+def tiny_engine(work: Path, callbacks: list | None = None) -> Engine:
+    """anomalib's ``Engine`` on the CPU, writing under ``work``, without logger or progress bar."""
+    return Engine(
+        default_root_dir=work,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        callbacks=callbacks or [],
+    )
+
+
 def train_tiny(
-    model: RADAR | GLAD | DADDA, demo_root: Path, work: Path, datamodule: MVTecAD | None = None
+    model: RADAR | GLAD | DADDA,
+    demo_root: Path,
+    work: Path,
+    datamodule: MVTecAD | None = None,
+    callbacks: list | None = None,
 ) -> TrainedModel:
     datamodule = datamodule or tiny_datamodule(demo_root)
-    engine = Engine(default_root_dir=work, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    engine = tiny_engine(work, callbacks)
     engine.fit(model=model, datamodule=datamodule)
     checkpoint = Path(
         engine.trainer.checkpoint_callback.best_model_path or engine.trainer.checkpoint_callback.last_model_path

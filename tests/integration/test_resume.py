@@ -18,6 +18,7 @@ from tests.conftest import (
     TrainedModel,
     few_defects_datamodule,
     tiny_datamodule,
+    tiny_engine,
 )
 
 # The settings of the suite's shared trained models (tests/conftest.py), which are the uninterrupted runs here.
@@ -59,14 +60,7 @@ def datamodule(name: str, root: Path) -> object:
 
 def fit(name: str, root: Path, work: Path, callbacks: list | None = None, ckpt_path: Path | None = None) -> Engine:
     model = build(name)
-    engine = Engine(
-        default_root_dir=work,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        callbacks=callbacks or [],
-    )
+    engine = tiny_engine(work, callbacks)
     engine.fit(model=model, datamodule=datamodule(name, root), ckpt_path=ckpt_path)
     return engine
 

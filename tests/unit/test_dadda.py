@@ -5,8 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from anomalib.data import InferenceBatch, MVTecAD
-from anomalib.engine import Engine
+from anomalib.data import InferenceBatch
 from lightning import Callback, Trainer
 
 from anomalib_diffusion.augmentation import DataAugmentationModule, DefectBank, DefectPaste
@@ -24,6 +23,7 @@ from anomalib_diffusion.models.dadda.torch_model import (
     defect_crop_boxes,
     paste_at,
 )
+from tests.conftest import train_tiny
 
 UNET = UNetConfig(
     sample_size=32, block_out_channels=(8, 16), attention_resolutions=(16,), in_channels=7, num_class_embeds=4
@@ -687,16 +687,7 @@ class TestDetectorSchedule:
         model = tiny_head_dadda(
             generator_steps=2, detector_steps=4, learning_rate=0.01, detector_schedule=schedule, procedural_seeds=4
         )
-        engine = Engine(
-            default_root_dir=tmp_path,
-            accelerator="cpu",
-            devices=1,
-            logger=False,
-            enable_progress_bar=False,
-            callbacks=[Recorder()],
-        )
-        data = MVTecAD(root=demo_root, category="brick", train_batch_size=4, eval_batch_size=4, num_workers=0, seed=0)
-        engine.fit(model=model, datamodule=data)
+        train_tiny(model, demo_root, tmp_path, callbacks=[Recorder()])
         expected = (
             [0.01] * 4 if schedule == "constant" else [0.01 * (1 + math.cos(math.pi * k / 4)) / 2 for k in range(4)]
         )
