@@ -236,7 +236,7 @@ def _check_settings(
     fill_modes: Sequence[str],
     shuffle_grid: int,
     foreground: str,
-    strokes: tuple[float, Sequence[float], Sequence[float]] = (0.0, (0.1, 0.5), (2.0, 6.0)),
+    strokes: tuple[float, Sequence[float], Sequence[float]],
 ) -> None:
     problems = []
     if not 0 <= probability <= 1:

@@ -1,6 +1,15 @@
 """Input checks shared by the models: catch bad images before they crash deep inside torch."""
 
+from collections.abc import Collection
+
 import torch
+
+
+def choice_problem(name: str, value: object, choices: Collection[object]) -> str | None:
+    """``"name=value must be one of 'a', 'b'"`` when ``value`` is none of ``choices``, else ``None``."""
+    if value in choices:
+        return None
+    return f"{name}={value!r} must be one of {', '.join(map(repr, choices))}"
 
 
 def check_image_batch(images: torch.Tensor, model_name: str, min_size: int, channels: int = 3) -> None:

@@ -65,6 +65,7 @@ from anomalib_diffusion.components import (
     size_pair,
     training_images_loader,
 )
+from anomalib_diffusion.components.validation import choice_problem
 from anomalib_diffusion.data.few_defects import defect_type_of
 
 from .torch_model import DADDAModel, crop_at, defect_crop_boxes, generator_problems, paste_at
@@ -79,6 +80,8 @@ TYPE_NAMES_KEY = "dadda_defect_types"
 POOL_SEED_KEY = "dadda_generated_pool_seed"
 # Normal training images kept for procedural seeding and for generating the head's training set.
 MAX_NORMAL_IMAGES = 64
+TYPE_HEAD_SOURCES = ("both", "generated", "dam")
+DETECTOR_SCHEDULES = ("constant", "cosine")
 
 
 class DADDA(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
@@ -826,7 +829,11 @@ def _check_dadda_config(
     )
     if not 0 <= procedural_stroke_fraction <= 1:
         problems.append(f"procedural_stroke_fraction={procedural_stroke_fraction} must be in [0, 1]")
-    problems += _choice_problems(type_head_source=type_head_source, detector_schedule=detector_schedule)
+    choices = (
+        choice_problem("type_head_source", type_head_source, TYPE_HEAD_SOURCES),
+        choice_problem("detector_schedule", detector_schedule, DETECTOR_SCHEDULES),
+    )
+    problems += [problem for problem in choices if problem]
     if generator_steps < 0:
         problems.append(f"generator_steps={generator_steps} must be 0 or more")
     if detector_steps < 1:
@@ -846,18 +853,6 @@ def _check_dadda_config(
     if problems:
         msg = "Invalid DADDA configuration: " + "; ".join(problems) + "."
         raise ValueError(msg)
-
-
-_CHOICES = {"type_head_source": ("both", "generated", "dam"), "detector_schedule": ("constant", "cosine")}
-
-
-def _choice_problems(**settings: str) -> list[str]:
-    """A problem for each of ``settings`` (names in ``_CHOICES``) that is none of its choices."""
-    return [
-        f"{name}={value!r} must be one of {', '.join(map(repr, _CHOICES[name]))}"
-        for name, value in settings.items()
-        if value not in _CHOICES[name]
-    ]
 
 
 def _generation_problems(

@@ -28,6 +28,7 @@ from torchvision.ops import masks_to_boxes
 
 from anomalib_diffusion.components import UNetConfig, build_unet, make_ddpm_scheduler
 from anomalib_diffusion.components.features import top_k_mean
+from anomalib_diffusion.components.validation import choice_problem
 
 NUM_TRAIN_TIMESTEPS = 1000
 # What the generator's U-Net predicts (diffusers' ``prediction_type``).
@@ -46,8 +47,8 @@ def generator_problems(
 ) -> list[str]:
     """What is wrong with a generator's prediction target and guidance scale, under the caller's argument names."""
     problems = []
-    if target not in GENERATOR_TARGETS:
-        problems.append(f"{target_name}={target!r} must be one of {', '.join(map(repr, GENERATOR_TARGETS))}")
+    if problem := choice_problem(target_name, target, GENERATOR_TARGETS):
+        problems.append(problem)
     if not guidance >= 1:
         problems.append(f"{guidance_name}={guidance} must be at least 1 (1: no guidance)")
     return problems

@@ -44,6 +44,7 @@ from anomalib_diffusion.components import (
 from anomalib_diffusion.components.border import border_bands_problem
 from anomalib_diffusion.components.features import top_k_mean
 from anomalib_diffusion.components.noising import noise_draws_problem
+from anomalib_diffusion.components.validation import choice_problem
 
 InferenceMode = Literal["patch", "full"]
 AnomalyMapName = Literal["noise", "sobel", "combined"]
@@ -226,11 +227,11 @@ class RADARModel(nn.Module):
 def _check_scoring_config(
     anomaly_map: str, image_score: str, top_k_fraction: float, noise_draws: int, border_bands: int
 ) -> None:
-    problems = []
-    if anomaly_map not in ANOMALY_MAPS:
-        problems.append(f"anomaly_map={anomaly_map!r} must be one of {', '.join(map(repr, ANOMALY_MAPS))}")
-    if image_score not in IMAGE_SCORES:
-        problems.append(f"image_score={image_score!r} must be one of {', '.join(map(repr, IMAGE_SCORES))}")
+    choices = (
+        choice_problem("anomaly_map", anomaly_map, ANOMALY_MAPS),
+        choice_problem("image_score", image_score, IMAGE_SCORES),
+    )
+    problems = [problem for problem in choices if problem]
     if not 0 < top_k_fraction <= 1:
         problems.append(f"top_k_fraction={top_k_fraction} must be in (0, 1]")
     if problem := noise_draws_problem(noise_draws):
