@@ -28,7 +28,7 @@ Prints one JSON line per texture. The runs behind docs/glad.md's *Noise draws* (
 Fewer U-Net calls per draw and more draws at the same cost (6 calls per image: 3 draws of 2 steps against the
 default's 2 draws of 3)::
 
-    python benchmarks/glad_inference.py --root datasets/devbench --categories bump-relief melt vegetal \
+    python benchmarks/glad_inference.py --root datasets/devbench --categories bump-relief melt vegetal \\
         --step-lists 600-400-200 666-333 --noise-seeds 0 1 2 --later-seeds 3 --draws 2 3
 """
 
@@ -56,6 +56,7 @@ from report import datamodule, engine
 STEP_LISTS = ("600-400-200-0", "400-200-0", "666-333-0")
 SEEDS = (0, 1, 2, 3)
 DRAWS = (2, 4)
+LATER_SEEDS = 2  # the step lists after the first are scored with this many of the noise seeds
 
 
 def set_steps(model: GLAD, name: str) -> None:
@@ -81,7 +82,7 @@ def measure(
     sigmas: Sequence[float] = (),
     top_fractions: Sequence[float] = (),
     draws: Sequence[int] = DRAWS,
-    later_seeds: int = 2,
+    later_seeds: int = LATER_SEEDS,
 ) -> dict:
     seed_everything(seed, workers=True)
     data = datamodule(root, category, seed, batch=8)
@@ -133,7 +134,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--draws", type=int, nargs="+", default=list(DRAWS), help="draw counts averaged per variant")
     parser.add_argument(
-        "--later-seeds", type=int, default=2, help="how many of the noise seeds the step lists after the first use"
+        "--later-seeds",
+        type=int,
+        default=LATER_SEEDS,
+        help="how many of the noise seeds the step lists after the first use",
     )
     parser.add_argument("--sigmas", type=float, nargs="+", default=[], help="map blur sigmas (default: GLAD's)")
     parser.add_argument(
