@@ -190,12 +190,13 @@ def draw_figure(model: GLAD, category_root: Path, path: Path) -> None:
     images = model.pre_processor(images)
     samples = model.model.pad(images * 2 - 1)
     result = model.model.reconstruct(samples)
-    maps = model.model(images).anomaly_map
+    output = model.model(images)
+    maps = output.anomaly_map
     figure, axes = plt.subplots(3, len(picks), figsize=(2.6 * len(picks), 8))
     for column, source in enumerate(picks):
         label = source.parent.name
         step = int(result.chosen_timestep[column])
-        score = float(model.model.top_k_mean(maps[column : column + 1]))
+        score = float(output.pred_score[column])
         axes[0, column].imshow(images[column].permute(1, 2, 0).clamp(0, 1).numpy())
         axes[0, column].set_title(f"{label}\nstep {'none (normal)' if step == 0 else step}", fontsize=9)
         axes[1, column].imshow(((result.reconstruction[column] + 1) / 2).permute(1, 2, 0).clamp(0, 1).numpy())

@@ -113,6 +113,18 @@ class TestAdaptiveReconstruction:
         torch.testing.assert_close(averaged, sum(single) / 3, rtol=1e-5, atol=1e-6)
         assert not torch.allclose(single[0], single[1])  # the draws differ, so the average is not one of them
 
+    def test_the_image_score_averages_the_maps_top_score_share_and_the_search_its_own_share(self) -> None:
+        images, batch = torch.rand(2, 3, 32, 32), samples(2)
+        with torch.no_grad():
+            output = tiny_model(score_top_k_fraction=0.25)(images)
+            searched = [tiny_model(**share).reconstruct(batch) for share in ({}, {"score_top_k_fraction": 0.5})]
+            wider_search = tiny_model(top_k_fraction=0.5).reconstruct(batch)
+        values = output.anomaly_map.flatten(1).sort(dim=1, descending=True).values
+        torch.testing.assert_close(output.pred_score, values[:, :256].mean(dim=1))  # 25 % of 32 x 32
+        assert not torch.allclose(output.pred_score, values[:, :10].mean(dim=1))  # not top_k_fraction's 1 %
+        assert torch.equal(searched[0].discrepancies, searched[1].discrepancies)
+        assert not torch.allclose(searched[0].discrepancies, wider_search.discrepancies)
+
     def test_the_last_step_returns_its_clean_estimate_as_a_step_down_to_zero_would(self) -> None:
         """Dropping DDIM's step at t = 0 changes the reconstruction by at most the 1 % of noise it would remove."""
         model = tiny_model(adaptive=False, noise_draws=1)
@@ -194,6 +206,7 @@ class TestAdaptiveReconstruction:
             ({"min_timestep": 800}, "min_timestep"),
             ({"feature_extractor": "dino"}, "feature_extractor='dino'"),
             ({"top_k_fraction": 0.0}, "top_k_fraction=0.0"),
+            ({"score_top_k_fraction": 1.5}, "score_top_k_fraction=1.5 must be in"),
             ({"num_inference_steps": 0}, "num_inference_steps=0"),
             ({"min_timestep": 650, "start_timestep": 699}, "No DDIM step after the start"),
             ({"border_bands": True}, "border_bands=True must be an integer"),
@@ -318,6 +331,19 @@ class TestGLADModule:
         assert len(model.model.inference_noise) == draws
         assert model.hparams["noise_draws"] == draws
         assert torch.equal(model.model.inference_noise[0].tile, FixedNoise(3, model.noise_seed).tile)
+
+    @pytest.mark.parametrize(("saved", "share"), [(None, 0.02), (0.05, 0.05)])
+    def test_a_checkpoint_from_before_score_top_k_fraction_keeps_the_score_it_was_thresholded_on(
+        self, saved: float | None, share: float
+    ) -> None:
+        model = GLAD(**(TINY_GLAD | {"top_k_fraction": 0.02}))
+        assert model.model.score_top_k_fraction == 0.05
+        hyper_parameters = {name: value for name, value in model.hparams.items() if name != "score_top_k_fraction"}
+        if saved is not None:
+            hyper_parameters["score_top_k_fraction"] = saved
+        model.on_load_checkpoint({CHECKPOINT_KEY: {"model": "GLAD"}, "hyper_parameters": hyper_parameters})
+        assert model.model.score_top_k_fraction == model.hparams["score_top_k_fraction"] == share
+        assert model.model.top_k_fraction == 0.02
 
     def test_export_before_fitting_is_refused_and_writes_nothing(self, tmp_path: Path) -> None:
         model = GLAD(**TINY_GLAD)

@@ -95,7 +95,8 @@ class GLADModel(nn.Module):
         feature_timestep: Timestep embedding at which the U-Net encoder is read.
         pixel_weight: Weight of the pixel/gradient distance added to the feature distance.
         neighbourhood_radius: Nearest-neighbour search radius, in feature-map cells.
-        top_k_fraction: Share of the highest map values averaged into a discrepancy or a score.
+        top_k_fraction: Share of the highest distance-map values averaged into a search step's discrepancy (ADS).
+        score_top_k_fraction: Share of the anomaly map's highest values averaged into the image score.
         anomaly_map_sigma: Standard deviation of the Gaussian smoothing of the anomaly map.
         noise_seed: Seed of the fixed inference noise.
         noise_draws: Fixed noise draws (seeds ``noise_seed``, ``noise_seed + 1``, ...), each reconstructed; their
@@ -120,6 +121,7 @@ class GLADModel(nn.Module):
         noise_seed: int = 0,
         border_bands: int = 16,
         noise_draws: int = 2,
+        score_top_k_fraction: float = 0.05,
     ) -> None:
         super().__init__()
         _check_inference_config(
@@ -131,6 +133,7 @@ class GLADModel(nn.Module):
             neighbourhood_radius,
             border_bands,
             noise_draws,
+            score_top_k_fraction,
         )
         self.unet_config = unet
         self.unet = build_unet(unet)
@@ -165,6 +168,7 @@ class GLADModel(nn.Module):
         self.pixel_weight = pixel_weight
         self.neighbourhood_radius = neighbourhood_radius
         self.top_k_fraction = top_k_fraction
+        self.score_top_k_fraction = score_top_k_fraction
         self.feature_extractor_name = feature_extractor
         if feature_extractor == "unet":
             self.features = UNetEncoderFeatures(self.ema_unet, feature_layers, feature_timestep)
@@ -229,7 +233,7 @@ class GLADModel(nn.Module):
     def forward(self, images: torch.Tensor) -> InferenceBatch:
         """``(B, 3, H, W)`` images in ``[0, 1]`` -> ``InferenceBatch(pred_score, anomaly_map)``."""
         anomaly_map = self.map_statistics(self.smoothed_distance(images))
-        return InferenceBatch(pred_score=self.top_k_mean(anomaly_map), anomaly_map=anomaly_map)
+        return InferenceBatch(pred_score=top_k_mean(anomaly_map, self.score_top_k_fraction), anomaly_map=anomaly_map)
 
     def smoothed_distance(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, 1, H, W)``: the blurred distance between the images (in ``[0, 1]``) and their reconstruction."""
@@ -339,7 +343,7 @@ class GLADModel(nn.Module):
         return distance
 
     def top_k_mean(self, maps: torch.Tensor) -> torch.Tensor:
-        """``(B,)`` mean of the highest ``top_k_fraction`` of each map's values."""
+        """``(B,)`` mean of the highest ``top_k_fraction`` of each map's values (a search step's discrepancy)."""
         return top_k_mean(maps, self.top_k_fraction)
 
 
@@ -352,6 +356,7 @@ def _check_inference_config(
     neighbourhood_radius: int,
     border_bands: int = 1,
     noise_draws: int = 1,
+    score_top_k_fraction: float = 0.05,
 ) -> None:
     """Reject settings that would otherwise fail deep inside torch or diffusers, naming every problem."""
     problems = []
@@ -363,8 +368,9 @@ def _check_inference_config(
         )
     if feature_extractor not in {"unet", "efficientnet_lite0"}:
         problems.append(f"feature_extractor={feature_extractor!r} must be 'unet' or 'efficientnet_lite0'")
-    if not 0 < top_k_fraction <= 1:
-        problems.append(f"top_k_fraction={top_k_fraction} must be in (0, 1]")
+    for name, fraction in (("top_k_fraction", top_k_fraction), ("score_top_k_fraction", score_top_k_fraction)):
+        if not 0 < fraction <= 1:
+            problems.append(f"{name}={fraction} must be in (0, 1]")
     if neighbourhood_radius < 0:
         problems.append(f"neighbourhood_radius={neighbourhood_radius} must be 0 or more")
     if problem := border_bands_problem(border_bands):
