@@ -14,8 +14,8 @@ where ``<steps>`` is the list of DDIM timesteps the reconstruction runs through,
 (``600-400-200-0``: GLAD's steps before this study; ``600-400-200``: its steps now, the last step returning its clean
 estimate instead of running DDIM's step at t = 0). Every variant's map is standardised per border band (16) with the
 mean and spread of GLAD's own hold-out (10 % of the training images, never trained on), as GLAD does, and scored as
-GLAD does (the mean of the map's top ``score_top_k_fraction``: 5 %; 1 % in the runs before that default). Image and pixel AUROC with scikit-learn on the test split. U-Net calls per image = number of
-timesteps x draws.
+GLAD does (the mean of the map's top ``score_top_k_fraction``: 5 %; 1 % in the runs before that default). Image and
+pixel AUROC with scikit-learn on the test split. U-Net calls per image = number of timesteps x draws.
 
 Prints one JSON line per texture. The runs behind docs/glad.md's *Noise draws* (tuning half only; about 11 and
 8 minutes per texture on 2 cores)::
