@@ -32,6 +32,7 @@ from anomalib_diffusion.components import (
 )
 from anomalib_diffusion.components.isolation_forest import _float32_floor
 from anomalib_diffusion.components.unet import ExportableUpsample2D
+from anomalib_diffusion.components.validation import share_problem
 
 
 class TestTensorIsolationForest:
@@ -244,6 +245,16 @@ class TestImageChecks:
 
     def test_good_batch_passes(self) -> None:
         check_image_batch(torch.rand(2, 3, 64, 80), "RADAR", 64)
+
+    @pytest.mark.parametrize(
+        ("value", "problem"), [(0.0, "x=0.0 must be in (0, 1]"), (1.01, "x=1.01 must be in (0, 1]")]
+    )
+    def test_share_outside_zero_one_is_named(self, value: float, problem: str) -> None:
+        assert share_problem("x", value) == problem
+
+    @pytest.mark.parametrize("value", [1e-6, 0.5, 1.0])
+    def test_share_inside_zero_one_passes(self, value: float) -> None:
+        assert share_problem("x", value) is None
 
 
 class TestSeparableGaussianBlur:

@@ -290,6 +290,8 @@ class TestDADDAConfig:
             ({"generator_steps": 0}, "generated_fraction must be 0"),
             ({"generator_steps": 0, "generated_fraction": 0.0}, "type_head_source must be 'dam'"),
             ({"defect_probability": 0.0}, "defect_probability=0.0"),
+            ({"top_k_fraction": 0.0}, r"top_k_fraction=0.0 must be in \(0, 1\]"),
+            ({"top_k_fraction": 1.5}, r"top_k_fraction=1.5 must be in \(0, 1\]"),
             ({"generated_fraction": 1.5}, "generated_fraction=1.5"),
             ({"defect_types": ["hole", "hole"]}, "lists a type twice"),
             ({"defect_types": ["a", "b", "c"], "max_defect_types": 2}, "more than max_defect_types=2"),

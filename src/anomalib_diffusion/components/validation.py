@@ -12,6 +12,13 @@ def choice_problem(name: str, value: object, choices: Collection[object]) -> str
     return f"{name}={value!r} must be one of {', '.join(map(repr, choices))}"
 
 
+def share_problem(name: str, value: float) -> str | None:
+    """``"name=value must be in (0, 1]"`` when ``value`` is not a share of a whole, else ``None``."""
+    if 0 < value <= 1:
+        return None
+    return f"{name}={value} must be in (0, 1]"
+
+
 def check_image_batch(images: torch.Tensor, model_name: str, min_size: int, channels: int = 3) -> None:
     """Raise a one-sentence ``ValueError`` if ``images`` is not a ``(B, C, H, W)`` batch the model can use."""
     if not isinstance(images, torch.Tensor):

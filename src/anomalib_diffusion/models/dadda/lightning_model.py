@@ -65,7 +65,7 @@ from anomalib_diffusion.components import (
     size_pair,
     training_images_loader,
 )
-from anomalib_diffusion.components.validation import choice_problem
+from anomalib_diffusion.components.validation import choice_problem, share_problem
 from anomalib_diffusion.data.few_defects import defect_type_of
 
 from .torch_model import DADDAModel, crop_at, defect_crop_boxes, generator_problems, paste_at
@@ -208,6 +208,7 @@ class DADDA(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
             generator_guidance,
             procedural_stroke_fraction,
             detector_schedule,
+            top_k_fraction,
         )
         if pre_processor is True:
             pre_processor = self.configure_pre_processor(image_size)
@@ -823,6 +824,7 @@ def _check_dadda_config(
     generator_guidance: float = 1.0,
     procedural_stroke_fraction: float = 0.0,
     detector_schedule: str = "constant",
+    top_k_fraction: float = 0.001,
 ) -> None:
     problems = _generation_problems(
         generated_pool, detector_crop, generation_strength, patch_size, generator_target, generator_guidance
@@ -838,8 +840,9 @@ def _check_dadda_config(
         problems.append(f"generator_steps={generator_steps} must be 0 or more")
     if detector_steps < 1:
         problems.append(f"detector_steps={detector_steps} must be at least 1 (the detector is what scores images)")
-    if not 0 < defect_probability <= 1:
-        problems.append(f"defect_probability={defect_probability} must be in (0, 1]")
+    for name, share in (("defect_probability", defect_probability), ("top_k_fraction", top_k_fraction)):
+        if problem := share_problem(name, share):
+            problems.append(problem)
     if not 0 <= generated_fraction <= 1:
         problems.append(f"generated_fraction={generated_fraction} must be in [0, 1]")
     if generator_steps == 0 and generated_fraction > 0:
@@ -864,8 +867,8 @@ def _generation_problems(
     generator_guidance: float,
 ) -> list[str]:
     problems = generator_problems(generator_target, generator_guidance, "generator_target", "generator_guidance")
-    if not 0 < generation_strength <= 1:
-        problems.append(f"generation_strength={generation_strength} must be in (0, 1]")
+    if problem := share_problem("generation_strength", generation_strength):
+        problems.append(problem)
     if generated_pool < 0:
         problems.append(f"generated_pool={generated_pool} must be 0 or more")
     if detector_crop is not None and not patch_size <= detector_crop:

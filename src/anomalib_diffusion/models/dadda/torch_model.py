@@ -28,7 +28,7 @@ from torchvision.ops import masks_to_boxes
 
 from anomalib_diffusion.components import UNetConfig, build_unet, make_ddpm_scheduler
 from anomalib_diffusion.components.features import top_k_mean
-from anomalib_diffusion.components.validation import choice_problem
+from anomalib_diffusion.components.validation import choice_problem, share_problem
 
 NUM_TRAIN_TIMESTEPS = 1000
 # What the generator's U-Net predicts (diffusers' ``prediction_type``).
@@ -197,8 +197,8 @@ class DefectGenerator(nn.Module):
         (SDEdit): the defect is redrawn, keeping the coarse look of the one in ``init``. ``strength`` 1 (or no
         ``init``) samples from pure noise.
         """
-        if not 0 < strength <= 1:
-            msg = f"strength={strength} must be in (0, 1]."
+        if problem := share_problem("strength", strength):
+            msg = f"{problem}."
             raise ValueError(msg)
         condition = background * 2 - 1
         noise = torch.randn(background.shape, generator=generator, dtype=background.dtype).to(background.device)

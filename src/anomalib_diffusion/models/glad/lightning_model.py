@@ -44,6 +44,7 @@ from anomalib_diffusion.components import (
     resize_pre_processor,
     size_pair,
 )
+from anomalib_diffusion.components.validation import share_problem
 
 from .torch_model import FeatureExtractorName, GLADModel
 
@@ -387,8 +388,8 @@ def _check_glad_config(ema_decay: float, calibration_fraction: float, calibratio
         problems.append(f"ema_decay={ema_decay} must be in [0, 1)")
     if problem := calibration_fraction_problem(calibration_fraction):
         problems.append(problem)
-    if not 0 < calibration_quantile <= 1:
-        problems.append(f"calibration_quantile={calibration_quantile} must be in (0, 1]")
+    if problem := share_problem("calibration_quantile", calibration_quantile):
+        problems.append(problem)
     if problems:
         msg = "Invalid GLAD configuration: " + "; ".join(problems) + "."
         raise ValueError(msg)

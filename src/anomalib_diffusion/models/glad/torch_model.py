@@ -57,6 +57,7 @@ from anomalib_diffusion.components.features import (
     top_k_mean,
 )
 from anomalib_diffusion.components.noising import noise_draws_problem
+from anomalib_diffusion.components.validation import share_problem
 
 FeatureExtractorName = Literal["unet", "efficientnet_lite0"]
 NUM_TRAIN_TIMESTEPS = 1000
@@ -369,8 +370,8 @@ def _check_inference_config(
     if feature_extractor not in {"unet", "efficientnet_lite0"}:
         problems.append(f"feature_extractor={feature_extractor!r} must be 'unet' or 'efficientnet_lite0'")
     for name, fraction in (("top_k_fraction", top_k_fraction), ("score_top_k_fraction", score_top_k_fraction)):
-        if not 0 < fraction <= 1:
-            problems.append(f"{name}={fraction} must be in (0, 1]")
+        if problem := share_problem(name, fraction):
+            problems.append(problem)
     if neighbourhood_radius < 0:
         problems.append(f"neighbourhood_radius={neighbourhood_radius} must be 0 or more")
     if problem := border_bands_problem(border_bands):

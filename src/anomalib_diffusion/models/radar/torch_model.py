@@ -44,7 +44,7 @@ from anomalib_diffusion.components import (
 from anomalib_diffusion.components.border import border_bands_problem
 from anomalib_diffusion.components.features import top_k_mean
 from anomalib_diffusion.components.noising import noise_draws_problem
-from anomalib_diffusion.components.validation import choice_problem
+from anomalib_diffusion.components.validation import choice_problem, share_problem
 
 InferenceMode = Literal["patch", "full"]
 AnomalyMapName = Literal["noise", "sobel", "combined"]
@@ -232,8 +232,8 @@ def _check_scoring_config(
         choice_problem("image_score", image_score, IMAGE_SCORES),
     )
     problems = [problem for problem in choices if problem]
-    if not 0 < top_k_fraction <= 1:
-        problems.append(f"top_k_fraction={top_k_fraction} must be in (0, 1]")
+    if problem := share_problem("top_k_fraction", top_k_fraction):
+        problems.append(problem)
     if problem := noise_draws_problem(noise_draws):
         problems.append(problem)
     if problem := border_bands_problem(border_bands):
