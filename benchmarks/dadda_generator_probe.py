@@ -7,9 +7,18 @@ colour inside the mask (DAM paste, generated, background) and the mean absolute 
 ``--figure`` saves the crops (DAM row above generated row). The runs behind docs/dadda.md's *Our choices*::
 
     python benchmarks/dadda_generator_probe.py --root datasets/devbench --category bump-relief \\
+        --settings '{"generator_target": "epsilon", "generator_residual": false}' \\
         --figure docs/figures/dadda_generator_probe_epsilon.png
     python benchmarks/dadda_generator_probe.py --root datasets/devbench --category bump-relief \\
-        --settings '{"generator_target": "sample"}' --figure docs/figures/dadda_generator_probe_sample.png
+        --settings '{"generator_target": "sample", "generator_residual": false}' \\
+        --figure docs/figures/dadda_generator_probe_sample.png
+    python benchmarks/dadda_generator_probe.py --root datasets/devbench --category bump-relief \\
+        --settings '{"generator_target": "epsilon"}'
+    python benchmarks/dadda_generator_probe.py --root datasets/devbench --category bump-relief \\
+        --figure docs/figures/dadda_generator_probe_residual.png
+
+(The first was DADDA's default generator until 2026-12-06: the noise target on the defective crop. The last is its
+default since: the clean change from the normal crop. The third is that change with the noise target.)
 """
 
 import argparse

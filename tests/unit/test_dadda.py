@@ -11,6 +11,7 @@ from lightning import Callback, Trainer
 from anomalib_diffusion.augmentation import DataAugmentationModule, DefectBank, DefectPaste
 from anomalib_diffusion.augmentation.defects import DefectSamples
 from anomalib_diffusion.components import UNetConfig
+from anomalib_diffusion.components.checkpoints import CHECKPOINT_KEY
 from anomalib_diffusion.data import MVTecADFewDefects
 from anomalib_diffusion.data.few_defects import defect_type_of, split_real_defects
 from anomalib_diffusion.models import DADDA
@@ -147,6 +148,32 @@ class TestDefectGenerator:
             torch.rand(1, 3, 32, 32), masks, torch.tensor([0]), torch.Generator().manual_seed(0)
         )
         torch.testing.assert_close(output, (wanted + 1) / 2, atol=1e-4, rtol=0)
+
+    def test_a_residual_generator_diffuses_the_change_from_the_background(self) -> None:
+        """With ``residual`` the clean sample is ``defective - background``: the loss's target is the change, and a
+        U-Net that predicts a change draws it on the given background (none: the background itself)."""
+        generator = DefectGenerator(UNET, num_inference_steps=5, prediction_type="sample", residual=True)
+        defective, background = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)
+        masks = torch.zeros(2, 1, 32, 32)
+        masks[:, :, 4:20, 6:22] = 1
+        captured = {}
+
+        def add_noise(clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+            del noise, timesteps
+            captured["clean"] = clean
+            return clean
+
+        generator.train_scheduler.add_noise = add_noise
+        generator.forward = lambda *args, **kwargs: captured["clean"]
+        assert generator.loss(defective, background, masks, torch.tensor([0, 1])) == 0
+        torch.testing.assert_close(captured["clean"], defective - background)
+
+        generator = DefectGenerator(UNET, num_inference_steps=5, prediction_type="sample", residual=True).eval()
+        change = torch.full((2, 3, 32, 32), -0.2)
+        for predicted, expected in ((change, (background + masks * change).clamp(0, 1)), (change * 0, background)):
+            generator.forward = lambda sample, *args, predicted=predicted: predicted.expand_as(sample)
+            output = generator.generate(background, masks, torch.tensor([0, 1]), torch.Generator().manual_seed(0))
+            torch.testing.assert_close(output, expected, atol=1e-5, rtol=0)
 
     def test_repaint_keeps_the_unet_s_surroundings_on_the_background_s_noising_path(self) -> None:
         """With ``repaint`` every U-Net call sees, outside the mask, the background noised to its step (RePaint)."""
@@ -314,6 +341,19 @@ class TestDADDAConfig:
         assert model.max_steps == 2000
         assert not model.is_fitted()
         assert model.model.generator.unet.config.num_class_embeds == 16
+
+    @pytest.mark.parametrize(
+        ("built", "saved", "residual"), [(True, None, False), (True, True, True), (False, None, False)]
+    )
+    def test_a_checkpoint_from_before_generator_residual_keeps_its_generator_s_space(
+        self, built: bool, saved: bool | None, residual: bool
+    ) -> None:
+        model = DADDA(generator_residual=built)
+        hyper_parameters = {name: value for name, value in model.hparams.items() if name != "generator_residual"}
+        if saved is not None:
+            hyper_parameters["generator_residual"] = saved
+        model.on_load_checkpoint({CHECKPOINT_KEY: {"model": "DADDA"}, "hyper_parameters": hyper_parameters})
+        assert model.model.generator.residual is model.hparams["generator_residual"] is residual
 
     def test_unfitted_model_refuses_to_export(self, tmp_path: Path) -> None:
         with pytest.raises(RuntimeError, match="DADDA cannot export before it is fitted"):

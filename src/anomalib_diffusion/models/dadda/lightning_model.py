@@ -103,12 +103,17 @@ class DADDA(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
             background's own noising path (RePaint's known-region replacement). ``False``: the U-Net's
             own prediction carries them from step to step.
         defect_weight: Extra generator loss weight inside the defect mask.
-        generator_target: What the generator's U-Net learns to predict: ``"epsilon"`` (the noise),
-            ``"sample"`` (the clean defective crop) or ``"v_prediction"`` (the velocity).
+        generator_target: What the generator's U-Net learns to predict: ``"sample"`` (the clean change, or
+            the clean defective crop without ``generator_residual``), ``"epsilon"`` (the noise; the default
+            before 2026-12-06) or ``"v_prediction"`` (the velocity).
         generator_guidance: Classifier-free guidance scale of the generator. ``1.0``: none. Above 1 the
             generator also learns a null type (the type is dropped on 10 % of its training crops) and
             samples ``f(null) + generator_guidance * (f(type) - f(null))``, which strengthens what sets a
             type apart, at twice the U-Net calls per sampling step.
+        generator_residual: The generator diffuses the defect's change from the normal crop (defective minus
+            normal) instead of the defective crop itself: an undertrained generator then draws a faint change
+            on the real background, not mid-grey noise, and a type's darker or lighter look is a shift of the
+            change's mean. ``False``: the defective crop itself (the default before 2026-12-06).
         detector_width: Base channel width of the detector (anomalib's DRAEM segmentation network).
         defect_types: Defect type names in index order. ``None`` takes the types of the real
             defects found at fit time (sorted); federated sites pass the same list so indices agree.
@@ -151,6 +156,7 @@ class DADDA(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
         "max_defect_types",
         "generator_target",
         "generator_guidance",
+        "generator_residual",
     )
 
     def __init__(
@@ -164,8 +170,9 @@ class DADDA(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
         generation_strength: float = 1.0,
         generation_repaint: bool = False,
         defect_weight: float = 4.0,
-        generator_target: str = "epsilon",
+        generator_target: str = "sample",
         generator_guidance: float = 1.0,
+        generator_residual: bool = True,
         detector_width: int = 16,
         defect_types: Sequence[str] | None = None,
         max_defect_types: int = 16,
@@ -256,6 +263,7 @@ class DADDA(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
             generator_target=generator_target,
             generator_guidance=generator_guidance,
             generation_repaint=generation_repaint,
+            generator_residual=generator_residual,
         )
         self.dam: DataAugmentationModule | None = None
         # The generator's defects that the detector trains on (built when the detector phase starts).
@@ -800,9 +808,19 @@ class DADDA(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
             checkpoint[POOL_SEED_KEY] = self._pool_seed
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the type names and the pool's seed; a generator saved before ``generator_residual`` existed
+        diffused the defective crop, so it keeps doing so (its detector scores the same either way)."""
         super().on_load_checkpoint(checkpoint)
         self.type_names = list(checkpoint.get(TYPE_NAMES_KEY, []))
         self._resumed_pool_seed = checkpoint.get(POOL_SEED_KEY)
+        saved = checkpoint.get("hyper_parameters", {})
+        if saved and "generator_residual" not in saved and self.model.generator.residual:
+            logger.warning(
+                "This DADDA checkpoint was saved before generator_residual existed: its generator diffuses the "
+                "defective crop, so it keeps generator_residual=False (train again for the current default)."
+            )
+            self.model.generator.residual = False
+            self.hparams["generator_residual"] = False
 
     def is_fitted(self) -> bool:
         return bool(self.model.fitted)
@@ -820,7 +838,7 @@ def _check_dadda_config(
     detector_crop: int | None = None,
     generation_strength: float = 1.0,
     patch_size: int = 64,
-    generator_target: str = "epsilon",
+    generator_target: str = "sample",
     generator_guidance: float = 1.0,
     procedural_stroke_fraction: float = 0.0,
     detector_schedule: str = "constant",

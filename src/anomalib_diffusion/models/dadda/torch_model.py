@@ -79,6 +79,10 @@ class DefectGenerator(nn.Module):
             Lugmayr et al., RePaint, 2022), so that the U-Net sees around the defect what it saw in training.
             Without it only the U-Net's own prediction carries the surroundings from step to step.
         guidance_scale: Classifier-free guidance scale; ``1.0`` is plain conditional sampling (no null type).
+        residual: Diffuse the defect's change from the background (``x0 = defective - b``, zero where nothing
+            changed) instead of the defective crop (``x0 = 2 * defective - 1``). A U-Net that has learnt little
+            then draws a small change on the given background, not mid-grey noise, and what sets a type apart
+            (darker, lighter, another colour) is a shift of the change's mean.
     """
 
     def __init__(
@@ -89,6 +93,7 @@ class DefectGenerator(nn.Module):
         prediction_type: str = "epsilon",
         guidance_scale: float = 1.0,
         repaint: bool = False,
+        residual: bool = False,
     ) -> None:
         super().__init__()
         if not unet.num_class_embeds:
@@ -101,6 +106,7 @@ class DefectGenerator(nn.Module):
         self.unet_config = unet
         self.guidance_scale = guidance_scale
         self.repaint = repaint
+        self.residual = residual
         # The null type of classifier-free guidance is one more class embedding, after the real types.
         self.null_type = unet.num_class_embeds if guidance_scale > 1 else None
         if self.null_type is not None:
@@ -126,12 +132,16 @@ class DefectGenerator(nn.Module):
         inputs = torch.cat([noisy, background * (1 - masks), masks], dim=1)
         return self.unet(inputs, timesteps, class_labels=defect_types).sample
 
+    def _clean(self, defective: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
+        """What the generator diffuses, from crops in ``[0, 1]``: the defective crop in ``[-1, 1]``, or its change."""
+        return defective - background if self.residual else defective * 2 - 1
+
     def _known_region(
-        self, sample: torch.Tensor, condition: torch.Tensor, noise: torch.Tensor, masks: torch.Tensor, timestep: int
+        self, sample: torch.Tensor, known: torch.Tensor, noise: torch.Tensor, masks: torch.Tensor, timestep: int
     ) -> torch.Tensor:
-        """``sample`` inside the mask; outside, ``condition`` noised to ``timestep`` with ``noise`` (RePaint)."""
+        """``sample`` inside the mask; outside, ``known`` noised to ``timestep`` with ``noise`` (RePaint)."""
         step = torch.full((sample.shape[0],), timestep, device=sample.device)
-        return masks * sample + (1 - masks) * self.train_scheduler.add_noise(condition, noise, step)
+        return masks * sample + (1 - masks) * self.train_scheduler.add_noise(known, noise, step)
 
     def guided(
         self,
@@ -163,7 +173,7 @@ class DefectGenerator(nn.Module):
         defect_types: torch.Tensor,
     ) -> torch.Tensor:
         """Weighted loss on ``(B, 3, h, w)`` crops in ``[0, 1]`` against the ``prediction_type`` target."""
-        clean = defective * 2 - 1
+        clean = self._clean(defective, background)
         noise = torch.randn_like(clean)
         timesteps = torch.randint(0, NUM_TRAIN_TIMESTEPS, (clean.shape[0],), device=clean.device)
         noisy = self.train_scheduler.add_noise(clean, noise, timesteps)
@@ -208,15 +218,19 @@ class DefectGenerator(nn.Module):
         else:
             timesteps = timesteps[timesteps < strength * NUM_TRAIN_TIMESTEPS]
             start = timesteps[:1].expand(background.shape[0]).to(background.device)
-            sample = self.train_scheduler.add_noise(init * 2 - 1, noise, start)
+            sample = self.train_scheduler.add_noise(self._clean(init, background), noise, start)
         following = [*timesteps[1:].tolist(), 0]
+        # Outside the mask the clean sample is the background itself, or no change at all.
+        known = torch.zeros_like(condition) if self.residual else condition
         if self.repaint:
-            sample = self._known_region(sample, condition, noise, masks, int(timesteps[0]))
+            sample = self._known_region(sample, known, noise, masks, int(timesteps[0]))
         for timestep, next_timestep in zip(timesteps, following, strict=True):
             predicted = self.guided(sample, int(timestep), condition, masks, defect_types)
             sample = self.scheduler.step(predicted, timestep, sample, eta=0.0).prev_sample
             if self.repaint:
-                sample = self._known_region(sample, condition, noise, masks, next_timestep)
+                sample = self._known_region(sample, known, noise, masks, next_timestep)
+        if self.residual:
+            return (background + masks * sample).clamp(0, 1)
         composed = masks * sample + (1 - masks) * condition
         return ((composed + 1) / 2).clamp(0, 1)
 
@@ -263,6 +277,7 @@ class DADDAModel(nn.Module):
         generator_target: What the generator's U-Net predicts (``DefectGenerator``'s ``prediction_type``).
         generator_guidance: The generator's classifier-free guidance scale (1: none).
         generation_repaint: Sample with RePaint's known-region replacement (``DefectGenerator``'s ``repaint``).
+        generator_residual: Diffuse the change from the background (``DefectGenerator``'s ``residual``).
         top_k_fraction: Share of the highest anomaly-map values averaged into the image score.
     """
 
@@ -274,13 +289,20 @@ class DADDAModel(nn.Module):
         generation_steps: int = 20,
         defect_weight: float = 4.0,
         top_k_fraction: float = 0.001,
-        generator_target: str = "epsilon",
+        generator_target: str = "sample",
         generator_guidance: float = 1.0,
         generation_repaint: bool = False,
+        generator_residual: bool = True,
     ) -> None:
         super().__init__()
         self.generator = DefectGenerator(
-            generator_unet, generation_steps, defect_weight, generator_target, generator_guidance, generation_repaint
+            generator_unet,
+            generation_steps,
+            defect_weight,
+            generator_target,
+            generator_guidance,
+            generation_repaint,
+            generator_residual,
         )
         self.detector = DefectDetector(detector_width)
         self.max_defect_types = max_defect_types
