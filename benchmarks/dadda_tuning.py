@@ -48,8 +48,9 @@ gave on the tuning half (bump-relief, melt, vegetal); the held-out half is measu
 ``generator_target`` and ``k3_eps_150`` without ``generator_residual``, which were then ``"epsilon"`` and false by
 default; since, the defaults are ``k3_res_sample_150``'s. For the commands before it, ``generated_pool`` 32,
 ``detector_crop`` 128, ``generator_target`` ``"epsilon"``, ``generation_repaint`` false, ``generator_guidance`` 1
-and ``blending`` ``"mixed"`` were the defaults. Only the vegetal and ``generator_target`` runs were made after the pool was seeded from the generator's weights (commit
-dd16c9b); the others drew it from the global random stream, so a rerun of them draws another pool of the same kind.)
+and ``blending`` ``"mixed"`` were the defaults. Only the vegetal and ``generator_target`` runs were made after the
+pool was seeded from the generator's weights (commit dd16c9b); the others drew it from the global random stream, so
+a rerun of them draws another pool of the same kind.)
 """
 
 import argparse
