@@ -43,8 +43,13 @@ gave on the tuning half (bump-relief, melt, vegetal); the held-out half is measu
                 "generator_residual": false, "generator_target": "epsilon"}' \\
         --run '{"tag": "k3_res_eps_150", "generator_steps": 150, "detector_steps": 150,
                 "generator_residual": true, "generator_target": "epsilon"}'
+    python benchmarks/dadda_tuning.py --root datasets/devbench --categories bump-relief vegetal melt --k 3 \
+        --head-variants --head-samples 32 32 32 128 512 \
+        --run '{"tag": "k3_heads_150_s42", "generator_steps": 150, "detector_steps": 150}'
 
-(The last command ran on 2026-12-06 with ``k3_eps_150`` and ``k3_res_eps_150`` written without the
+(The ``--head-variants`` run was made on 2026-12-06 when ``type_samples_per_type`` was 32 and the head a logistic
+regression; it fits every classifier on the same features, so the defaults it chose do not change what it
+measures. The command before it ran on 2026-12-06 with ``k3_eps_150`` and ``k3_res_eps_150`` written without the
 ``generator_target`` and ``k3_eps_150`` without ``generator_residual``, which were then ``"epsilon"`` and false by
 default; since, the defaults are ``k3_res_sample_150``'s. For the commands before it, ``generated_pool`` 32,
 ``detector_crop`` 128, ``generator_target`` ``"epsilon"``, ``generation_repaint`` false, ``generator_guidance`` 1
@@ -62,8 +67,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import numpy as np
+import torch
 from dadda_federated import few_defects
 from report import datamodule, train_and_score
+from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+from sklearn.linear_model import LogisticRegression
+from sklearn.neighbors import NearestCentroid
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from anomalib_diffusion.components import build_unet
+from anomalib_diffusion.models.dadda.type_head import DefectTypeStatistics, pooled_type_head
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -81,8 +96,108 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="after each fit: rebuild the generated pool at each of these generation_strength values, refit the "
         "type head on generated defects only (the paper's protocol) and test again (needs --k)",
     )
+    parser.add_argument(
+        "--head-variants",
+        action="store_true",
+        help="after each fit: compute the detector features of generated head defects (and of DAM + generated) and of "
+        "the real test defects inside their true masks once, then fit several classifiers on the same features and "
+        "report each one's accuracy (needs --k)",
+    )
+    parser.add_argument(
+        "--head-samples",
+        type=int,
+        nargs="+",
+        default=[32],
+        help="head defects per type for --head-variants; each count is a new draw (repeat one to see the spread)",
+    )
     parser.add_argument("--log", type=Path, default=None, help="append the JSON lines here too")
     return parser.parse_args(argv)
+
+
+def head_classifiers() -> dict:
+    """Classifiers on the detector's mask-pooled features, each ``fit(x, y) -> predict``; all standardise first."""
+
+    def pipeline(classifier: object) -> object:
+        return make_pipeline(StandardScaler(), classifier)
+
+    return {
+        "logistic_C1": lambda: pipeline(LogisticRegression(max_iter=2000)),
+        "logistic_C0.1": lambda: pipeline(LogisticRegression(C=0.1, max_iter=2000)),
+        "logistic_C0.01": lambda: pipeline(LogisticRegression(C=0.01, max_iter=2000)),
+        "logistic_C0.001": lambda: pipeline(LogisticRegression(C=0.001, max_iter=2000)),
+        "lda_shrinkage": lambda: pipeline(LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto")),
+        "nearest_centroid": lambda: pipeline(NearestCentroid()),
+        "shared_diagonal": SharedDiagonal,
+    }
+
+
+class SharedDiagonal:
+    """The federated head (:func:`pooled_type_head`): class means, one diagonal variance shared by all types."""
+
+    def fit(self, features: np.ndarray, labels: np.ndarray) -> "SharedDiagonal":
+        types = int(labels.max()) + 1
+        statistics = DefectTypeStatistics.empty(types, features.shape[1])
+        tensor, index = torch.as_tensor(features, dtype=torch.float64), torch.as_tensor(labels)
+        statistics.count.index_add_(0, index, torch.ones(len(index), dtype=torch.float64))
+        statistics.total.index_add_(0, index, tensor)
+        statistics.squares.index_add_(0, index, tensor.square())
+        self.rows, self.weight, self.bias = pooled_type_head(statistics)
+        return self
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        logits = torch.as_tensor(features, dtype=torch.float64) @ self.weight.T + self.bias
+        return self.rows[logits.argmax(dim=1)].numpy()
+
+
+def head_variants(model: object, runner: object, data: object, samples: Sequence[int]) -> dict:
+    """Accuracy on the real test defects (true mask) of each classifier of :func:`head_classifiers`, fitted on the
+    same features: generated defects only (the paper's protocol) and DAM pastes + generated (the default head)."""
+    recorded, calls = [], [0]
+    original_step, original_correct = model.test_step, model.correct_defect_types
+
+    def test_step(*args: object, **kwargs: object) -> object:
+        calls[0] = 0
+        return original_step(*args, **kwargs)
+
+    def record(images: torch.Tensor, regions: torch.Tensor, truth: torch.Tensor) -> int:
+        if calls[0] == 0:  # a test step's first call pools inside the true masks, the second in the model's region
+            recorded.append((model.model.detector.mask_features(images, regions).cpu(), truth.clone()))
+        calls[0] += 1
+        return original_correct(images, regions, truth)
+
+    model.test_step, model.correct_defect_types = test_step, record
+    try:
+        runner.test(model=model, datamodule=data, verbose=False)
+    finally:
+        del model.test_step, model.correct_defect_types
+    test_x = torch.cat([features for features, _ in recorded]).double().numpy()
+    test_y = torch.cat([truth for _, truth in recorded]).numpy()
+    model.generation_strength = 1.0
+    results = {}
+    generator = model.model.generator
+    trained = generator.unet
+    sources = [(source, count, draw) for draw, count in enumerate(samples) for source in ("generated", "both")]
+    sources.append(("untrained_generator", max(samples), 0))
+    for source, count, draw in sources:
+        model.type_head_source = "both" if source == "both" else "generated"
+        model.type_samples_per_type = count
+        if source == "untrained_generator":
+            # The control: the same detector, and generated defects from a generator that never trained (same
+            # masks, pool size and DAM); what the head still gets right comes from the masks and the pastes.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                generator.unet = build_unet(generator.unet_config)
+            model.build_generated_pool()
+        types = list(range(len(model.type_names)))
+        with torch.no_grad():
+            features, labels = model._type_head_features(types)
+        train_x, train_y = features.double().numpy(), labels.numpy()
+        for name, make in head_classifiers().items():
+            predicted = make().fit(train_x, train_y).predict(test_x)
+            results[f"{source}/n{count}#{draw}/{name}"] = round(float((predicted == test_y).mean()), 3)
+    generator.unet = trained
+    results["test_defects"] = len(test_y)
+    return results
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -98,7 +213,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                 else:
                     data = datamodule(args.root, category, args.seed, batch=8)
                 model, runner, result = train_and_score("DADDA", settings, data, Path(work), args.seed)
-                heads = {}
+                heads, variants = {}, {}
+                if args.head_variants:
+                    variants = head_variants(model, runner, data, args.head_samples)
                 for strength in args.head_strengths:
                     model.generation_strength, model.type_head_source = strength, "generated"
                     model.build_generated_pool()
@@ -119,6 +236,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 "type_accuracy": result.metrics.get("defect_type_accuracy"),
                 "type_accuracy_own_region": result.metrics.get("defect_type_accuracy_own_region"),
                 "generated_only_head_by_strength": heads,
+                "head_variants": variants,
                 "settings": settings,
             }
             del model

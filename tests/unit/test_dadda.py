@@ -330,6 +330,7 @@ class TestDADDAConfig:
             ({"generator_guidance": 0.0}, "generator_guidance=0.0 must be at least 1"),
             ({"procedural_stroke_fraction": 1.5}, r"procedural_stroke_fraction=1.5 must be in \[0, 1\]"),
             ({"detector_schedule": "linear"}, "detector_schedule='linear' must be one of 'constant', 'cosine'"),
+            ({"type_head_classifier": "svm"}, "type_head_classifier='svm' must be one of 'lda', 'logistic'"),
         ],
     )
     def test_bad_settings_are_named(self, settings: dict, named: str) -> None:
@@ -424,9 +425,11 @@ def two_type_accuracy(model: DADDA) -> float:
 
 
 class TestDefectTypeHead:
-    def test_the_head_beats_chance_on_held_out_pasted_defects(self) -> None:
+    @pytest.mark.parametrize("classifier", ["lda", "logistic"])
+    def test_the_head_beats_chance_on_held_out_pasted_defects(self, classifier: str) -> None:
         """Fitted on DAM pastes of the lent defects; scored on other defects of the same two types."""
         model = dadda_with_bank("dam")
+        model.type_head_classifier = classifier
         model.fit_defect_type_head()
         accuracy = two_type_accuracy(model)
         assert accuracy >= 0.9, f"accuracy {accuracy:.2f} on two types (chance 0.5)"

@@ -14,7 +14,7 @@ Fitting runs two phases on the datamodule's normal training images, then one fit
    ``defect_probability``, a defect: a generated one (share ``generated_fraction``), pasted from
    that bank by the DAM's augmentation, mask variation and blending, or a DAM paste of a real (or
    procedural) one; the detector learns to segment it (focal loss, as DRAEM).
-3. At the end of fitting, the defect-type head is fitted (logistic regression) on
+3. At the end of fitting, the defect-type head is fitted (a linear discriminant with a shrunk covariance) on
    ``type_samples_per_type`` defects of every known type: with ``type_head_source="both"`` (default)
    half are DAM pastes of the site's real defects of that type and half generated defects of that
    type in masks of that type; types the site holds no real example of (federated) get generated
@@ -43,6 +43,7 @@ from anomalib.visualization import Visualizer
 from kornia.losses import focal_loss
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
+from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from torch.utils.data import DataLoader, Dataset
@@ -81,6 +82,7 @@ POOL_SEED_KEY = "dadda_generated_pool_seed"
 # Normal training images kept for procedural seeding and for generating the head's training set.
 MAX_NORMAL_IMAGES = 64
 TYPE_HEAD_SOURCES = ("both", "generated", "dam")
+TYPE_HEAD_CLASSIFIERS = ("lda", "logistic")
 DETECTOR_SCHEDULES = ("constant", "cosine")
 
 
@@ -133,7 +135,9 @@ class DADDA(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
             on whole images.
         generator_steps: Optimiser steps of phase 1 (generator).
         detector_steps: Optimiser steps of phase 2 (detector).
-        type_samples_per_type: Defects per type that the type head is fitted on.
+        type_samples_per_type: Defects per type that the type head is fitted on (512 since 2026-12-06; 32 before).
+        type_head_classifier: ``"lda"``: scikit-learn's linear discriminant with Ledoit-Wolf shrinkage of the
+            shared covariance (the default since 2026-12-06); ``"logistic"``: logistic regression (before).
         type_head_source: What the type head is fitted on: ``"both"`` (DAM pastes and generated
             defects), ``"generated"`` (generated only, the paper's protocol) or ``"dam"``.
         top_k_fraction: Share of the highest anomaly-map values averaged into the image score.
@@ -186,8 +190,9 @@ class DADDA(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
         detector_crop: int | None = 128,
         generator_steps: int = 1000,
         detector_steps: int = 1000,
-        type_samples_per_type: int = 32,
+        type_samples_per_type: int = 512,
         type_head_source: str = "both",
+        type_head_classifier: str = "lda",
         top_k_fraction: float = 0.001,
         learning_rate: float = 1e-3,
         detector_schedule: str = "constant",
@@ -216,6 +221,7 @@ class DADDA(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
             procedural_stroke_fraction,
             detector_schedule,
             top_k_fraction,
+            type_head_classifier,
         )
         if pre_processor is True:
             pre_processor = self.configure_pre_processor(image_size)
@@ -244,6 +250,7 @@ class DADDA(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
         self.detector_crop = detector_crop
         self.type_samples_per_type = type_samples_per_type
         self.type_head_source = type_head_source
+        self.type_head_classifier = type_head_classifier
         self.type_names: list[str] = list(defect_types or [])
         self.model = DADDAModel(
             generator_unet=UNetConfig(
@@ -639,7 +646,7 @@ class DADDA(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
 
     @torch.no_grad()
     def fit_defect_type_head(self) -> None:
-        """Logistic regression on the detector's mask-pooled features of defects of every type.
+        """A linear classifier (``type_head_classifier``) on the detector's mask-pooled features of each type's defects.
 
         The defects come from ``type_head_source`` (see the module docstring). The fitted scaler and
         weights are folded into the model's ``type_weight``/``type_bias`` buffers, so the head
@@ -659,7 +666,11 @@ class DADDA(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
             return
         inputs = features.double().numpy()
         scaler = StandardScaler().fit(inputs)
-        classifier = LogisticRegression(max_iter=2000).fit(scaler.transform(inputs), labels.numpy())
+        if self.type_head_classifier == "lda":
+            classifier = LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto")
+        else:
+            classifier = LogisticRegression(max_iter=2000)
+        classifier.fit(scaler.transform(inputs), labels.numpy())
         weight = torch.from_numpy(classifier.coef_ / scaler.scale_)
         bias = torch.from_numpy(classifier.intercept_) - weight @ torch.from_numpy(scaler.mean_)
         if len(classifier.classes_) == 2:  # noqa: PLR2004
@@ -843,6 +854,7 @@ def _check_dadda_config(
     procedural_stroke_fraction: float = 0.0,
     detector_schedule: str = "constant",
     top_k_fraction: float = 0.001,
+    type_head_classifier: str = "lda",
 ) -> None:
     problems = _generation_problems(
         generated_pool, detector_crop, generation_strength, patch_size, generator_target, generator_guidance
@@ -852,6 +864,7 @@ def _check_dadda_config(
     choices = (
         choice_problem("type_head_source", type_head_source, TYPE_HEAD_SOURCES),
         choice_problem("detector_schedule", detector_schedule, DETECTOR_SCHEDULES),
+        choice_problem("type_head_classifier", type_head_classifier, TYPE_HEAD_CLASSIFIERS),
     )
     problems += [problem for problem in choices if problem]
     if generator_steps < 0:
