@@ -265,9 +265,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             markdown_table(TYPE_COLUMNS, rows + means),
             "",
             "Scored on the held-out real defects of the test split; lent images are never scored. The head is a "
-            "linear classifier (scikit-learn logistic regression) on the detector's features pooled inside a region, "
-            "fitted on DAM pastes of the lent defects plus generated defects of each type (DADDA's default, "
-            "`type_head_source: both`) or on generated defects only (the paper's protocol, `type_head_source: "
+            "linear classifier (scikit-learn's shrunk linear discriminant, `type_head_classifier: lda`) on the "
+            "detector's features pooled inside a region, fitted on DAM pastes of the lent defects plus generated "
+            "defects of each type (DADDA's default, `type_head_source: both`) or on generated defects only (the paper's protocol, `type_head_source: "
             "generated`); the detector is the same. *True mask*: features pooled inside the defect's ground-truth "
             "mask (the paper's protocol: it measures the head alone, given a perfect region). *Own region*: inside "
             "the pixels the model marks (anomaly map at or above its pixel threshold, set on synthetic anomalies, no "

@@ -12,8 +12,8 @@ IEEE Systems Journal, 2025. Only the abstract is public; the networks below are 
   the image alone, trained on generated and DAM (image, mask) pairs. Softmax of its defect channel
   is the anomaly map; the mean of the map's top pixels is the image score. It is the only part in
   the forward pass, so exports contain the detector alone.
-- Defect-type head: a linear classifier (fitted with scikit-learn's logistic regression on generated
-  defects) over the detector's encoder features averaged inside a defect mask.
+- Defect-type head: a linear classifier (scikit-learn's shrunk linear discriminant, or its logistic regression,
+  fitted on DAM pastes and generated defects) over the detector's encoder features averaged inside a defect mask.
 """
 
 from dataclasses import replace

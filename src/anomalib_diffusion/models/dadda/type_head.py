@@ -8,7 +8,7 @@ diagonal covariance shared by all types (Gaussian naive Bayes with a shared vari
     logit_c(x) = x . (mu_c / sigma^2) - 1/2 sum(mu_c^2 / sigma^2)
 
 which is linear in the features, so it fits D-ADDA's ``type_weight``/``type_bias`` buffers as the
-local logistic-regression head does. Types no site holds get a bias of ``-inf``: never predicted.
+local head (:meth:`DADDA.fit_defect_type_head`) does. Types no site holds get a bias of ``-inf``: never predicted.
 """
 
 from dataclasses import dataclass
