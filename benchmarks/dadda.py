@@ -268,11 +268,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             "linear classifier (scikit-learn's shrunk linear discriminant, `type_head_classifier: lda`) on the "
             "detector's features pooled inside a region, fitted on DAM pastes of the lent defects plus generated "
             "defects of each type (DADDA's default, `type_head_source: both`) or on generated defects only (the "
-            "paper's protocol, `type_head_source: generated`); the detector is the same. *True mask*: features pooled inside the defect's ground-truth "
-            "mask (the paper's protocol: it measures the head alone, given a perfect region). *Own region*: inside "
-            "the pixels the model marks (anomaly map at or above its pixel threshold, set on synthetic anomalies, no "
-            "test label); an image where it marks nothing counts as wrong: what a user gets. Training minutes: "
-            "`Engine.fit` wall-clock (generator, generated pool, detector and head).",
+            "paper's protocol, `type_head_source: generated`); the detector is the same. *True mask*: features "
+            "pooled inside the defect's ground-truth mask (the paper's protocol: it measures the head alone, given a "
+            "perfect region). *Own region*: inside the pixels the model marks (anomaly map at or above its pixel "
+            "threshold, set on synthetic anomalies, no test label); an image where it marks nothing counts as wrong: "
+            "what a user gets. Training minutes: `Engine.fit` wall-clock (generator, generated pool, detector and "
+            "head).",
             "",
             "## Does the detector gain from generated defects? (the types a site never held)",
             "",
