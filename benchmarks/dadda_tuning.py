@@ -135,13 +135,8 @@ class SharedDiagonal:
     """The federated head (:func:`pooled_type_head`): class means, one diagonal variance shared by all types."""
 
     def fit(self, features: np.ndarray, labels: np.ndarray) -> "SharedDiagonal":
-        types = int(labels.max()) + 1
-        statistics = DefectTypeStatistics.empty(types, features.shape[1])
-        tensor, index = torch.as_tensor(features, dtype=torch.float64), torch.as_tensor(labels)
-        statistics.count.index_add_(0, index, torch.ones(len(index), dtype=torch.float64))
-        statistics.total.index_add_(0, index, tensor)
-        statistics.squares.index_add_(0, index, tensor.square())
-        self.rows, self.weight, self.bias = pooled_type_head(statistics)
+        statistics = DefectTypeStatistics.empty(int(labels.max()) + 1, features.shape[1])
+        self.rows, self.weight, self.bias = pooled_type_head(statistics.add_features(features, labels))
         return self
 
     def predict(self, features: np.ndarray) -> np.ndarray:

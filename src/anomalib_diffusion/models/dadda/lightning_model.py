@@ -695,11 +695,7 @@ class DADDA(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
         if not held:
             return statistics
         features, labels = self._type_head_features(held)
-        features = features.double()
-        statistics.count.index_add_(0, labels, torch.ones(len(labels), dtype=torch.float64))
-        statistics.total.index_add_(0, labels, features)
-        statistics.squares.index_add_(0, labels, features.square())
-        return statistics
+        return statistics.add_features(features, labels)
 
     def set_type_head_from_statistics(self, statistics: DefectTypeStatistics) -> None:
         """Fit the defect-type head from (summed) :meth:`defect_type_statistics` of one or more sites."""

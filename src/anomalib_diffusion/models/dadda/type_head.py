@@ -35,6 +35,15 @@ class DefectTypeStatistics:
             torch.zeros(types, dim, dtype=torch.float64),
         )
 
+    def add_features(self, features: torch.Tensor, labels: torch.Tensor) -> "DefectTypeStatistics":
+        """Count ``features`` ``(N, D)`` into the rows ``labels`` ``(N,)`` (in place); returns ``self``."""
+        features = torch.as_tensor(features, dtype=torch.float64)
+        labels = torch.as_tensor(labels, dtype=torch.long)
+        self.count.index_add_(0, labels, torch.ones(len(labels), dtype=torch.float64))
+        self.total.index_add_(0, labels, features)
+        self.squares.index_add_(0, labels, features.square())
+        return self
+
     def __add__(self, other: "DefectTypeStatistics") -> "DefectTypeStatistics":
         if self.total.shape != other.total.shape:
             msg = (
