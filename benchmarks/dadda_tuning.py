@@ -167,6 +167,11 @@ def head_variants(model: object, runner: object, data: object, samples: Sequence
         del model.test_step, model.correct_defect_types
     test_x = torch.cat([features for features, _ in recorded]).double().numpy()
     test_y = torch.cat([truth for _, truth in recorded]).numpy()
+    # Put back what the variants change, so that a --head-strengths measurement after them sees the fitted model.
+    kept = {
+        name: getattr(model, name)
+        for name in ("generation_strength", "type_head_source", "type_samples_per_type", "generated_dam")
+    }
     model.generation_strength = 1.0
     results = {}
     generator = model.model.generator
@@ -191,6 +196,8 @@ def head_variants(model: object, runner: object, data: object, samples: Sequence
             predicted = make().fit(train_x, train_y).predict(test_x)
             results[f"{source}/n{count}#{draw}/{name}"] = round(float((predicted == test_y).mean()), 3)
     generator.unet = trained
+    for name, value in kept.items():
+        setattr(model, name, value)
     results["test_defects"] = len(test_y)
     return results
 
