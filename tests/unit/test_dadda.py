@@ -329,6 +329,7 @@ class TestDADDAConfig:
             ({"generator_target": "noise"}, "generator_target='noise' must be one of 'epsilon', 'sample'"),
             ({"generator_guidance": 0.0}, "generator_guidance=0.0 must be at least 1"),
             ({"procedural_stroke_fraction": 1.5}, r"procedural_stroke_fraction=1.5 must be in \[0, 1\]"),
+            ({"generated_fraction": -0.5}, r"generated_fraction=-0.5 must be in \[0, 1\]"),
             ({"detector_schedule": "linear"}, "detector_schedule='linear' must be one of 'constant', 'cosine'"),
             ({"type_head_classifier": "svm"}, "type_head_classifier='svm' must be one of 'lda', 'logistic'"),
         ],

@@ -194,6 +194,11 @@ class TestDataAugmentationModule:
         assert not samples.masks.any()
         assert (samples.defect_types == -1).all()
 
+    @pytest.mark.parametrize("probability", [-0.1, 1.5])
+    def test_probability_outside_zero_one_is_named(self, probability: float) -> None:
+        with pytest.raises(ValueError, match=rf"probability={probability} must be in \[0, 1\]"):
+            DataAugmentationModule(red_bank(), probability=probability)
+
     def test_requested_types_are_honoured(self) -> None:
         images, masks = defective_pair()
         dam = DataAugmentationModule(DefectBank.from_images(images, masks, ["scratch", "hole"]), probability=1.0)

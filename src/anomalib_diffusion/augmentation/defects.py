@@ -37,6 +37,8 @@ from torch import nn
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from anomalib_diffusion.components.validation import closed_share_problem
+
 from .synthetic_anomalies import PerlinAnomalySynthesis, otsu_foreground
 
 Blending = Literal["alpha", "poisson", "mixed"]
@@ -392,8 +394,8 @@ class DataAugmentationModule(nn.Module):
         quality_filter: QualityFilter | None = None,
     ) -> None:
         super().__init__()
-        if not 0 <= probability <= 1:
-            msg = f"probability={probability} must be in [0, 1]."
+        if problem := closed_share_problem("probability", probability):
+            msg = f"{problem}."
             raise ValueError(msg)
         self.bank = bank
         self.probability = probability

@@ -30,6 +30,8 @@ from torch import nn
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2.functional import rotate
 
+from anomalib_diffusion.components.validation import closed_share_problem
+
 FillMode = Literal["texture", "shuffle"]
 Foreground = Literal["none", "otsu"]
 
@@ -239,8 +241,8 @@ def _check_settings(
     strokes: tuple[float, Sequence[float], Sequence[float]],
 ) -> None:
     problems = []
-    if not 0 <= probability <= 1:
-        problems.append(f"probability={probability} must be in [0, 1]")
+    if problem := closed_share_problem("probability", probability):
+        problems.append(problem)
     if len(scale_exponent_range) != 2 or not 0 <= scale_exponent_range[0] <= scale_exponent_range[1] <= 8:  # noqa: PLR2004
         problems.append(
             f"scale_exponent_range={list(scale_exponent_range)} must be [low, high] with 0 <= low <= high <= 8"
@@ -257,8 +259,8 @@ def _check_settings(
     if foreground not in {"none", "otsu"}:
         problems.append(f"foreground={foreground!r} must be 'none' (textures) or 'otsu' (objects)")
     stroke_fraction, length_range, width_range = strokes
-    if not 0 <= stroke_fraction <= 1:
-        problems.append(f"stroke_fraction={stroke_fraction} must be in [0, 1]")
+    if problem := closed_share_problem("stroke_fraction", stroke_fraction):
+        problems.append(problem)
     if len(length_range) != 2 or not 0 < length_range[0] <= length_range[1] <= 1:  # noqa: PLR2004
         problems.append(f"stroke_length_range={list(length_range)} must be [low, high] with 0 < low <= high <= 1")
     if len(width_range) != 2 or not 0 < width_range[0] <= width_range[1]:  # noqa: PLR2004

@@ -19,6 +19,13 @@ def share_problem(name: str, value: float) -> str | None:
     return f"{name}={value} must be in (0, 1]"
 
 
+def closed_share_problem(name: str, value: float) -> str | None:
+    """``"name=value must be in [0, 1]"`` when ``value`` is not a probability or a share (0 allowed), else ``None``."""
+    if 0 <= value <= 1:
+        return None
+    return f"{name}={value} must be in [0, 1]"
+
+
 def check_image_batch(images: torch.Tensor, model_name: str, min_size: int, channels: int = 3) -> None:
     """Raise a one-sentence ``ValueError`` if ``images`` is not a ``(B, C, H, W)`` batch the model can use."""
     if not isinstance(images, torch.Tensor):

@@ -66,7 +66,7 @@ from anomalib_diffusion.components import (
     size_pair,
     training_images_loader,
 )
-from anomalib_diffusion.components.validation import choice_problem, share_problem
+from anomalib_diffusion.components.validation import choice_problem, closed_share_problem, share_problem
 from anomalib_diffusion.data.few_defects import defect_type_of
 
 from .torch_model import DADDAModel, crop_at, defect_crop_boxes, generator_problems, paste_at
@@ -855,8 +855,8 @@ def _check_dadda_config(
     problems = _generation_problems(
         generated_pool, detector_crop, generation_strength, patch_size, generator_target, generator_guidance
     )
-    if not 0 <= procedural_stroke_fraction <= 1:
-        problems.append(f"procedural_stroke_fraction={procedural_stroke_fraction} must be in [0, 1]")
+    if problem := closed_share_problem("procedural_stroke_fraction", procedural_stroke_fraction):
+        problems.append(problem)
     choices = (
         choice_problem("type_head_source", type_head_source, TYPE_HEAD_SOURCES),
         choice_problem("detector_schedule", detector_schedule, DETECTOR_SCHEDULES),
@@ -870,8 +870,8 @@ def _check_dadda_config(
     for name, share in (("defect_probability", defect_probability), ("top_k_fraction", top_k_fraction)):
         if problem := share_problem(name, share):
             problems.append(problem)
-    if not 0 <= generated_fraction <= 1:
-        problems.append(f"generated_fraction={generated_fraction} must be in [0, 1]")
+    if problem := closed_share_problem("generated_fraction", generated_fraction):
+        problems.append(problem)
     if generator_steps == 0 and generated_fraction > 0:
         problems.append("generator_steps=0 leaves the generator untrained, so generated_fraction must be 0")
     if generator_steps == 0 and type_head_source != "dam":
