@@ -150,8 +150,8 @@ def quality(args: argparse.Namespace) -> None:
     unet.eval()
     networks = {"": unet}
     for decay, average in averages.items():
-        networks[f"ema{decay:g}_"] = copy.deepcopy(unet)
-        average.copy_to(networks[f"ema{decay:g}_"].parameters())
+        averaged = networks[f"ema{decay:g}_"] = copy.deepcopy(unet)
+        average.copy_to(averaged.parameters())
     for prefix, network in networks.items():
         result |= score_network(network, scheduler, data, run, args, prefix)
     report(result, args.log)
@@ -183,11 +183,12 @@ def score_network(
     defective = torch.from_numpy(labels == 1)
     for timestep, draws, mode in run["variants"]:
         held, test = noise_map(data["held_out"], timestep, draws, mode), noise_map(data["test"], timestep, draws, mode)
+        held_edges, test_edges = sobel_edge_map(held), sobel_edge_map(test)
         maps = {}
         for sigma in run["sigmas"]:  # RADAR's anomaly_map_sigma (default 4)
             blur = SeparableGaussianBlur(sigma)
-            normal = torch.cat([blur(held), blur(sobel_edge_map(held))], dim=1)
-            scored = torch.cat([blur(test), blur(sobel_edge_map(test))], dim=1)
+            normal = torch.cat([blur(held), blur(held_edges)], dim=1)
+            scored = torch.cat([blur(test), blur(test_edges)], dim=1)
             for bands in run["border_bands"]:  # 1: one mean and spread per map; more: per distance from the border
                 standardiser = BorderStandardiser(2, bands)
                 standardiser.fit(band_moments(normal, bands))
@@ -213,7 +214,7 @@ def score_network(
                 # standard deviations of the normal scores (negative: the two overlap)
                 gap = (top[defective].min() - normal_top.max()) / normal_top.std()
                 scores[f"margin_top{share * 100:g}%_{name}"] = round(float(gap), 2)
-        features = {key: edge_features(sobel_edge_map(images), 32) for key, images in (("held", held), ("test", test))}
+        features = {"held": edge_features(held_edges, 32), "test": edge_features(test_edges, 32)}
         forest = TensorIsolationForest(n_estimators=100)
         forest.fit(features["held"])
         scores["image_forest_held_out"] = round(roc_auc_score(labels, forest(features["test"]).numpy()), 3)
