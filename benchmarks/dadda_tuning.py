@@ -46,8 +46,14 @@ gave on the tuning half (bump-relief, melt, vegetal); the held-out half is measu
     python benchmarks/dadda_tuning.py --root datasets/devbench --categories bump-relief vegetal melt --k 3 \
         --head-variants --head-samples 32 32 32 128 512 \
         --run '{"tag": "k3_heads_150_s42", "generator_steps": 150, "detector_steps": 150}'
+    python benchmarks/dadda_tuning.py --root datasets/devbench --categories bump-relief vegetal melt --k 3 \
+        --head-gates 0 0.25 0.5 0.75 \
+        --run '{"tag": "k3_gate0_150", "generator_steps": 150, "detector_steps": 150, "generated_min_change": 0.0}'
 
-(The ``--head-variants`` run was made on 2026-12-06 when ``type_samples_per_type`` was 32 and the head a logistic
+(The ``--head-gates`` run, 2026-12-07, chose ``generated_min_change``: the detector trains without the gate, then
+the generated pool is rebuilt with each value from the same seed and a head of generated defects only is refitted;
+each refit draws its head defects anew, so one defect's difference is that spread.
+The ``--head-variants`` run was made on 2026-12-06 when ``type_samples_per_type`` was 32 and the head a logistic
 regression; it fits every classifier on the same features, so the defaults it chose do not change what it
 measures. The command before it ran on 2026-12-06 with ``k3_eps_150`` and ``k3_res_eps_150`` written without the
 ``generator_target`` and ``k3_eps_150`` without ``generator_residual``, which were then ``"epsilon"`` and false by
@@ -95,6 +101,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=[],
         help="after each fit: rebuild the generated pool at each of these generation_strength values, refit the "
         "type head on generated defects only (the paper's protocol) and test again (needs --k)",
+    )
+    parser.add_argument(
+        "--head-gates",
+        type=float,
+        nargs="*",
+        default=[],
+        help="after each fit: rebuild the generated pool with each of these generated_min_change values, refit the "
+        "type head on generated defects only and test again; reports the pool's defects per type too (needs --k)",
     )
     parser.add_argument(
         "--head-variants",
@@ -227,6 +241,18 @@ def main(argv: Sequence[str] | None = None) -> None:
                         round(metrics.get("defect_type_accuracy", float("nan")), 3),
                         round(metrics.get("defect_type_accuracy_own_region", float("nan")), 3),
                     ]
+                gates = {}
+                for gate in args.head_gates:
+                    model.generated_min_change, model.type_head_source = gate, "generated"
+                    model.build_generated_pool()
+                    model.fit_defect_type_head()
+                    metrics = runner.test(model=model, datamodule=data, verbose=False)[0]
+                    pool = model.generated_dam.bank.counts() if model.generated_dam is not None else {}
+                    gates[str(gate)] = {
+                        "accuracy": round(metrics.get("defect_type_accuracy", float("nan")), 3),
+                        "accuracy_own_region": round(metrics.get("defect_type_accuracy_own_region", float("nan")), 3),
+                        "pool": pool,
+                    }
             line = {
                 "tag": run.get("tag", ""),
                 "category": category,
@@ -238,6 +264,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 "type_accuracy": result.metrics.get("defect_type_accuracy"),
                 "type_accuracy_own_region": result.metrics.get("defect_type_accuracy_own_region"),
                 "generated_only_head_by_strength": heads,
+                "generated_only_head_by_gate": gates,
                 "head_variants": variants,
                 "settings": settings,
             }

@@ -1,5 +1,6 @@
 """Unit tests of D-ADDA's networks, its configuration checks and the few-defects datamodule."""
 
+import logging
 import math
 from pathlib import Path
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 from anomalib.data import InferenceBatch
 from lightning import Callback, Trainer
+from tqdm.auto import tqdm
 
 from anomalib_diffusion.augmentation import DataAugmentationModule, DefectBank, DefectPaste
 from anomalib_diffusion.augmentation.defects import DefectSamples
@@ -16,6 +18,7 @@ from anomalib_diffusion.data import MVTecADFewDefects
 from anomalib_diffusion.data.few_defects import defect_type_of, split_real_defects
 from anomalib_diffusion.models import DADDA
 from anomalib_diffusion.models.dadda import DefectTypeStatistics, pooled_type_head
+from anomalib_diffusion.models.dadda.lightning_model import change_inside
 from anomalib_diffusion.models.dadda.torch_model import (
     DADDAModel,
     DefectDetector,
@@ -332,6 +335,7 @@ class TestDADDAConfig:
             ({"generated_fraction": -0.5}, r"generated_fraction=-0.5 must be in \[0, 1\]"),
             ({"detector_schedule": "linear"}, "detector_schedule='linear' must be one of 'constant', 'cosine'"),
             ({"type_head_classifier": "svm"}, "type_head_classifier='svm' must be one of 'lda', 'logistic'"),
+            ({"generated_min_change": 1.5}, r"generated_min_change=1.5 must be in \[0, 1\]"),
         ],
     )
     def test_bad_settings_are_named(self, settings: dict, named: str) -> None:
@@ -410,6 +414,12 @@ def dadda_with_bank(type_head_source: str, defect_types: list[str] | None = None
     model.dam = DataAugmentationModule(bank, paste=DefectPaste(blending="alpha"))
     model._normal_images = (0.5 + 0.05 * torch.randn(16, 3, 64, 64)).clamp(0, 1)
     return model
+
+
+def smallest_change(images: torch.Tensor, masks: torch.Tensor, normal_images: torch.Tensor) -> torch.Tensor:
+    """``(B,)``: each image's mean absolute change inside its mask from the normal image closest to it there."""
+    changes = [change_inside(images, normal.expand_as(images), masks) for normal in normal_images]
+    return torch.stack(changes).amin(dim=0)
 
 
 def pool_patches(model: DADDA) -> torch.Tensor:
@@ -603,7 +613,7 @@ class TestGeneratedPool:
 
     def test_the_pool_holds_generated_defects_of_every_held_type_and_the_detector_draws_from_it(self) -> None:
         model = dadda_with_bank("both")
-        model.generated_pool = 5
+        model.generated_pool, model.generated_min_change = 5, 0.0
         requested = record_generated_types(model)
         model.build_generated_pool()
         assert torch.cat(requested).tolist() == [0] * 5 + [1] * 5, "five of each held type, in its own masks"
@@ -618,6 +628,39 @@ class TestGeneratedPool:
         assert masks.flatten(1).any(dim=1).all()
         changed = (images - model._normal_images[:6]).abs().sum(dim=1, keepdim=True) > 0
         assert (changed & (masks == 0)).sum() == 0, "nothing is drawn outside the labelled mask"
+
+    def test_faint_generated_defects_are_drawn_again_and_the_most_visible_kept(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """generated_min_change: a faint draw is replaced by another; a type that stays faint keeps its most visible."""
+        model = dadda_with_bank("generated")
+        model.generated_pool, model.generated_min_change = 4, 0.5
+        requested: list[list[int]] = []
+
+        def every_other_scratch_invisible(images, masks, types, generator=None, init=None, strength=1.0):
+            del masks, generator, strength
+            requested.append(types.tolist())
+            faint = (types == 1) & (torch.arange(len(types)) % 2 == 1)
+            return torch.where(faint.view(-1, 1, 1, 1), images, init)  # a faint draw changes nothing; others as pasted
+
+        model.model.generator.generate = every_other_scratch_invisible  # type: ignore[method-assign]
+        model.build_generated_pool()
+        # Blobs pass at once. Scratches: 4 drawn, 2 pass; 2 drawn, 1 passes; 1 drawn, it passes.
+        assert [kind for call in requested for kind in call] == [0] * 4 + [1] * 7
+        kept = model._visible_generated(model._normal_images, 1, tqdm(disable=True))
+        assert len(kept[0]) == 4
+        assert (smallest_change(*kept, model._normal_images) > 0.1).all(), "no faint scratch in the pool"
+
+        model.model.generator.generate = lambda images, *args, **kwargs: images  # every draw faint
+        with caplog.at_level(logging.WARNING):
+            images, _ = model._visible_generated(model._normal_images, 1, tqdm(disable=True))
+        assert len(images) == 4, "a type that stays faint still gets its pool: the most visible of 12 draws"
+        assert "0 of 12 generated defects of type 'scratch'" in caplog.text
+        model.generated_min_change = 0.0
+        requested.clear()
+        model.model.generator.generate = every_other_scratch_invisible  # type: ignore[method-assign]
+        model.build_generated_pool()
+        assert [kind for call in requested for kind in call] == [0] * 4 + [1] * 4, "without the bar: the first draws"
 
     def test_strength_starts_from_the_paste_only_for_held_types(self) -> None:
         model = dadda_with_bank("both", defect_types=["blob", "crack", "scratch"])

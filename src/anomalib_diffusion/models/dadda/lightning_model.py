@@ -9,8 +9,9 @@ Fitting runs two phases on the datamodule's normal training images, then one fit
    :class:`~anomalib_diffusion.data.MVTecADFewDefects`, or procedural seeds) onto the batch, and the
    generator learns to inpaint them from crops around each mask.
 2. ``detector_steps`` steps: the generator first makes ``generated_pool`` defects of every type
-   (DDIM inside DAM masks on normal images), which are cut out along their masks into a second
-   bank. Then each training image (a ``detector_crop`` crop of it, if set) gets, with probability
+   (DDIM inside DAM masks on normal images; one that barely changes its crop, against the DAM
+   pastes it started from, is drawn again: ``generated_min_change``), which are cut out along
+   their masks into a second bank. Then each training image (a ``detector_crop`` crop of it, if set) gets, with probability
    ``defect_probability``, a defect: a generated one (share ``generated_fraction``), pasted from
    that bank by the DAM's augmentation, mask variation and blending, or a DAM paste of a real (or
    procedural) one; the detector learns to segment it (focal loss, as DRAEM).
@@ -130,6 +131,11 @@ class DADDA(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
         generated_pool: Defects per type the generator makes once, when the detector phase starts; the
             detector's generated defects are DAM pastes of them. ``0``: the generator samples a new
             defect inside every detector step (20 DDIM U-Net calls each, several times slower).
+        generated_min_change: The pool's bar for a generated defect: its mean absolute change from the normal
+            crop it was drawn on, inside its mask, at least this share of the median change that the DAM's
+            pastes make in the same masks (the pastes the generator starts from). The generator draws a type
+            again (up to three times the pool) until ``generated_pool`` pass; a type with fewer keeps those
+            and the most visible of the rest (logged). ``0``: keep the first draws (before 2026-12-07).
         detector_crop: Side of the random square crops the detector trains on (it is fully
             convolutional and scores whole images); ``None``, or a side as large as the image, trains
             on whole images.
@@ -187,6 +193,7 @@ class DADDA(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
         defect_probability: float = 0.7,
         generated_fraction: float = 0.5,
         generated_pool: int = 32,
+        generated_min_change: float = 0.5,
         detector_crop: int | None = 128,
         generator_steps: int = 1000,
         detector_steps: int = 1000,
@@ -222,6 +229,7 @@ class DADDA(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
             detector_schedule,
             top_k_fraction,
             type_head_classifier,
+            generated_min_change,
         )
         if pre_processor is True:
             pre_processor = self.configure_pre_processor(image_size)
@@ -246,6 +254,7 @@ class DADDA(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
         self.defect_probability = defect_probability
         self.generated_fraction = generated_fraction
         self.generated_pool = generated_pool
+        self.generated_min_change = generated_min_change
         self.generation_strength = generation_strength
         self.detector_crop = detector_crop
         self.type_samples_per_type = type_samples_per_type
@@ -496,6 +505,13 @@ class DADDA(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
         self, images: torch.Tensor, generate: torch.Tensor, defect_types: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """A DAM paste on every image; where ``generate``, the generator samples a new defect in its mask instead."""
+        outputs, masks, _ = self._paste_then_generate(images, generate, defect_types)
+        return outputs, masks
+
+    def _paste_then_generate(
+        self, images: torch.Tensor, generate: torch.Tensor, defect_types: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`_dam_or_generated`'s ``(images, masks)``, and the DAM pastes the generated defects replaced."""
         dam = self._require_dam()
         if defect_types is None:
             samples = dam(images)
@@ -507,6 +523,7 @@ class DADDA(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
         pasted = samples.defect_types >= 0
         types = samples.defect_types if defect_types is None else torch.where(pasted, defect_types, -1)
         outputs, masks = samples.images, samples.masks
+        pastes = outputs.clone()
         generate = (generate & pasted).to(images.device)
         if generate.any():
             corners = defect_crop_boxes(masks[generate], self.patch_size)
@@ -514,7 +531,7 @@ class DADDA(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
             # SDEdit from the paste only where it shows the wanted type (a held one); other types from pure noise.
             own_type = is_held.to(images.device)[generate]
             backgrounds = crop_at(images[generate], corners, self.patch_size)
-            pastes = crop_at(outputs[generate], corners, self.patch_size)
+            pasted_crops = crop_at(outputs[generate], corners, self.patch_size)
             crop_types = types.to(images.device)[generate]
             generated = torch.empty_like(backgrounds)
             for subset, strength in ((own_type, self.generation_strength), (~own_type, 1.0)):
@@ -523,14 +540,14 @@ class DADDA(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
                         backgrounds[subset],
                         crop_masks[subset],
                         crop_types[subset],
-                        init=pastes[subset],
+                        init=pasted_crops[subset],
                         strength=strength,
                     )
             outputs[generate] = paste_at(images[generate], generated, corners)
             # The generator draws inside its patch_size crop only: a longer mask is cut to the crop, so that no clean
             # pixel outside it is labelled defect.
             masks[generate] = paste_at(torch.zeros_like(masks[generate]), crop_masks, corners)
-        return outputs, masks
+        return outputs, masks, pastes
 
     def pool_defect_types(self) -> list[int]:
         """The types the generator makes for the detector: those the DAM holds, or every named one if it holds only masks."""
@@ -544,7 +561,9 @@ class DADDA(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
         """The generator makes ``generated_pool`` defects of every type once; the detector then draws from them.
 
         Each is sampled with DDIM inside a DAM mask (of its type where the bank holds one) on a normal
-        training image, and cut out along its mask into a :class:`DefectBank`, which a second DAM pastes
+        training image, kept if it changes its crop enough (``generated_min_change``; else the type is
+        drawn again, and the most visible draws are kept), and cut out along its mask into a
+        :class:`DefectBank`, which a second DAM pastes
         with the same augmentation, mask variation and blending as the real defects. The draws use torch's
         random generator seeded with a seed drawn from the run's random stream when the fit started (kept in
         checkpoints, so a run resumed in the detector phase rebuilds the same pool; outside a fit, drawn now)
@@ -571,25 +590,62 @@ class DADDA(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
         was_training = self.training
         self.eval()
         images, masks, names = [], [], []
-        per_batch = 8
         with tqdm(total=len(types) * self.generated_pool, desc="D-ADDA: generating defects for the detector") as bar:
             for defect_type in types:
-                for start in range(0, self.generated_pool, per_batch):
-                    size = min(per_batch, self.generated_pool - start)
-                    picks = torch.randint(len(normal_images), (size,))
-                    requested = torch.full((size,), defect_type, dtype=torch.long)
-                    batch_images, batch_masks = self._dam_or_generated(
-                        normal_images[picks], torch.ones(size, dtype=torch.bool), requested
-                    )
-                    present = batch_masks.flatten(1).any(dim=1)
-                    images.append(batch_images[present].cpu())
-                    masks.append(batch_masks[present].cpu())
-                    names += [self.type_names[defect_type]] * int(present.sum())
-                    bar.update(size)
+                kept_images, kept_masks = self._visible_generated(normal_images, defect_type, bar)
+                images.append(kept_images)
+                masks.append(kept_masks)
+                names += [self.type_names[defect_type]] * len(kept_images)
         self.train(was_training)
         if not names:
             return None
         return DefectBank.from_images(torch.cat(images), torch.cat(masks), names, type_names=self.type_names)
+
+    def _visible_generated(
+        self, normal_images: torch.Tensor, defect_type: int, bar: tqdm
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``generated_pool`` generated defects of one type on normal images, those that pass ``generated_min_change`` first.
+
+        Draws batches until that many pass, or three times the pool has been drawn, and keeps the most visible. A
+        defect's change is the mean absolute difference from the normal image inside its mask (over channels); the
+        bar is the median change of the DAM pastes the generator started from in the same masks, over every draw of
+        the type so far.
+        """
+        per_batch, attempts = 8, 3 * self.generated_pool
+        images, masks, generated_change, pasted_change = [], [], [], []
+        drawn, passed = 0, torch.zeros(0, dtype=torch.bool)
+        while drawn < attempts and int(passed.sum()) < self.generated_pool:
+            size = min(per_batch, attempts - drawn, self.generated_pool - int(passed.sum()))
+            backgrounds = normal_images[torch.randint(len(normal_images), (size,))]
+            requested = torch.full((size,), defect_type, dtype=torch.long)
+            outputs, batch_masks, pastes = self._paste_then_generate(
+                backgrounds, torch.ones(size, dtype=torch.bool), requested
+            )
+            present = batch_masks.flatten(1).any(dim=1)
+            images.append(outputs[present].cpu())
+            masks.append(batch_masks[present].cpu())
+            generated_change.append(change_inside(outputs[present], backgrounds[present], batch_masks[present]))
+            pasted_change.append(change_inside(pastes[present], backgrounds[present], batch_masks[present]))
+            drawn += size
+            before = min(int(passed.sum()), self.generated_pool)
+            bar_change = self.generated_min_change * torch.cat(pasted_change).median() if present.any() else 0.0
+            passed = torch.cat(generated_change) >= bar_change
+            bar.update(min(int(passed.sum()), self.generated_pool) - before)
+        bar.update(self.generated_pool - min(int(passed.sum()), self.generated_pool))
+        if int(passed.sum()) < self.generated_pool:
+            logger.warning(
+                "D-ADDA: %d of %d generated defects of type %r changed their crop by generated_min_change=%s of the "
+                "DAM pastes' median; the pool keeps the %d most visible.",
+                int(passed.sum()),
+                len(passed),
+                self.type_names[defect_type],
+                self.generated_min_change,
+                self.generated_pool,
+            )
+            keep = torch.cat(generated_change).argsort(descending=True, stable=True)[: self.generated_pool]
+        else:
+            keep = passed.nonzero()[: self.generated_pool, 0]
+        return torch.cat(images)[keep], torch.cat(masks)[keep]
 
     def held_defect_types(self) -> set[int]:
         """Indices of the defect types the DAM's bank holds regions of (none when only masks were given)."""
@@ -833,6 +889,12 @@ class DADDA(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
         return bool(self.model.fitted)
 
 
+def change_inside(images: torch.Tensor, backgrounds: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """``(B,)``: the mean absolute difference of ``images`` from ``backgrounds`` inside ``masks``, over channels."""
+    difference = ((images - backgrounds).abs() * masks).sum(dim=(1, 2, 3))
+    return (difference / (masks.sum(dim=(1, 2, 3)) * images.shape[1]).clamp_min(1e-12)).cpu()
+
+
 def _check_dadda_config(
     generator_steps: int,
     detector_steps: int,
@@ -851,12 +913,17 @@ def _check_dadda_config(
     detector_schedule: str = "constant",
     top_k_fraction: float = 0.001,
     type_head_classifier: str = "lda",
+    generated_min_change: float = 0.0,
 ) -> None:
     problems = _generation_problems(
         generated_pool, detector_crop, generation_strength, patch_size, generator_target, generator_guidance
     )
-    if problem := closed_share_problem("procedural_stroke_fraction", procedural_stroke_fraction):
-        problems.append(problem)
+    closed_shares = (
+        ("procedural_stroke_fraction", procedural_stroke_fraction),
+        ("generated_fraction", generated_fraction),
+        ("generated_min_change", generated_min_change),
+    )
+    problems += [problem for name, value in closed_shares if (problem := closed_share_problem(name, value))]
     choices = (
         choice_problem("type_head_source", type_head_source, TYPE_HEAD_SOURCES),
         choice_problem("detector_schedule", detector_schedule, DETECTOR_SCHEDULES),
@@ -870,8 +937,6 @@ def _check_dadda_config(
     for name, share in (("defect_probability", defect_probability), ("top_k_fraction", top_k_fraction)):
         if problem := share_problem(name, share):
             problems.append(problem)
-    if problem := closed_share_problem("generated_fraction", generated_fraction):
-        problems.append(problem)
     if generator_steps == 0 and generated_fraction > 0:
         problems.append("generator_steps=0 leaves the generator untrained, so generated_fraction must be 0")
     if generator_steps == 0 and type_head_source != "dam":
