@@ -628,7 +628,8 @@ class DADDA(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
             pasted_change.append(change_inside(pastes[present], backgrounds[present], batch_masks[present]))
             drawn += size
             before = min(int(passed.sum()), self.generated_pool)
-            bar_change = self.generated_min_change * torch.cat(pasted_change).median() if present.any() else 0.0
+            reference = torch.cat(pasted_change)  # every draw of the type so far, not this batch's alone
+            bar_change = self.generated_min_change * reference.median() if len(reference) else 0.0
             passed = torch.cat(generated_change) >= bar_change
             bar.update(min(int(passed.sum()), self.generated_pool) - before)
         bar.update(self.generated_pool - min(int(passed.sum()), self.generated_pool))
