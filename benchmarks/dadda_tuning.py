@@ -216,6 +216,20 @@ def head_variants(model: object, runner: object, data: object, samples: Sequence
     return results
 
 
+def generated_only_head(model: object, runner: object, data: object, setting: str, value: float) -> list[float]:
+    """Set one DADDA ``setting``, rebuild the generated pool, refit the head on generated defects only (the paper's
+    protocol) and test: ``[accuracy in the true mask, accuracy in the model's own region]``, rounded to 3 places."""
+    setattr(model, setting, value)
+    model.type_head_source = "generated"
+    model.build_generated_pool()
+    model.fit_defect_type_head()
+    metrics = runner.test(model=model, datamodule=data, verbose=False)[0]
+    return [
+        round(metrics.get("defect_type_accuracy", float("nan")), 3),
+        round(metrics.get("defect_type_accuracy_own_region", float("nan")), 3),
+    ]
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     runs = [json.loads(text) for text in args.run]
@@ -233,26 +247,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                 if args.head_variants:
                     variants = head_variants(model, runner, data, args.head_samples)
                 for strength in args.head_strengths:
-                    model.generation_strength, model.type_head_source = strength, "generated"
-                    model.build_generated_pool()
-                    model.fit_defect_type_head()
-                    metrics = runner.test(model=model, datamodule=data, verbose=False)[0]
-                    heads[str(strength)] = [
-                        round(metrics.get("defect_type_accuracy", float("nan")), 3),
-                        round(metrics.get("defect_type_accuracy_own_region", float("nan")), 3),
-                    ]
+                    heads[str(strength)] = generated_only_head(model, runner, data, "generation_strength", strength)
                 gates = {}
                 for gate in args.head_gates:
-                    model.generated_min_change, model.type_head_source = gate, "generated"
-                    model.build_generated_pool()
-                    model.fit_defect_type_head()
-                    metrics = runner.test(model=model, datamodule=data, verbose=False)[0]
+                    accuracy, own_region = generated_only_head(model, runner, data, "generated_min_change", gate)
                     pool = model.generated_dam.bank.counts() if model.generated_dam is not None else {}
-                    gates[str(gate)] = {
-                        "accuracy": round(metrics.get("defect_type_accuracy", float("nan")), 3),
-                        "accuracy_own_region": round(metrics.get("defect_type_accuracy_own_region", float("nan")), 3),
-                        "pool": pool,
-                    }
+                    gates[str(gate)] = {"accuracy": accuracy, "accuracy_own_region": own_region, "pool": pool}
             line = {
                 "tag": run.get("tag", ""),
                 "category": category,

@@ -11,14 +11,13 @@ from lightning import Callback, Trainer
 from tqdm.auto import tqdm
 
 from anomalib_diffusion.augmentation import DataAugmentationModule, DefectBank, DefectPaste
-from anomalib_diffusion.augmentation.defects import DefectSamples
+from anomalib_diffusion.augmentation.defects import DefectSamples, change_inside
 from anomalib_diffusion.components import UNetConfig
 from anomalib_diffusion.components.checkpoints import CHECKPOINT_KEY
 from anomalib_diffusion.data import MVTecADFewDefects
 from anomalib_diffusion.data.few_defects import defect_type_of, split_real_defects
 from anomalib_diffusion.models import DADDA
 from anomalib_diffusion.models.dadda import DefectTypeStatistics, pooled_type_head
-from anomalib_diffusion.models.dadda.lightning_model import change_inside
 from anomalib_diffusion.models.dadda.torch_model import (
     DADDAModel,
     DefectDetector,

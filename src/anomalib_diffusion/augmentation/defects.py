@@ -329,6 +329,12 @@ class DefectPaste(nn.Module):
         return int(torch.randint(low_y, high_y + 1, ())), int(torch.randint(low_x, high_x + 1, ()))
 
 
+def change_inside(images: torch.Tensor, backgrounds: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """``(B,)``: the mean absolute difference of ``images`` from ``backgrounds`` inside ``masks``, over channels."""
+    difference = ((images - backgrounds).abs() * masks).sum(dim=(1, 2, 3))
+    return (difference / (masks.sum(dim=(1, 2, 3)) * images.shape[1]).clamp_min(1e-12)).cpu()
+
+
 class QualityFilter(nn.Module):
     """Stage 5: keep a pasted defect only if its size is plausible and it is visible.
 
@@ -349,8 +355,7 @@ class QualityFilter(nn.Module):
         area = float(mask.sum())
         if area < self.min_area or area > self.max_area_fraction * mask.numel():
             return False
-        change = (defective - normal).abs().mean(dim=0, keepdim=True)
-        return float((change * mask).sum() / area) >= self.min_contrast
+        return float(change_inside(defective[None], normal[None], mask[None])[0]) >= self.min_contrast
 
 
 class DefectSamples(NamedTuple):

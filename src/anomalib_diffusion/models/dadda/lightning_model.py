@@ -11,10 +11,11 @@ Fitting runs two phases on the datamodule's normal training images, then one fit
 2. ``detector_steps`` steps: the generator first makes ``generated_pool`` defects of every type
    (DDIM inside DAM masks on normal images; one that barely changes its crop, against the DAM
    pastes it started from, is drawn again: ``generated_min_change``), which are cut out along
-   their masks into a second bank. Then each training image (a ``detector_crop`` crop of it, if set) gets, with probability
-   ``defect_probability``, a defect: a generated one (share ``generated_fraction``), pasted from
-   that bank by the DAM's augmentation, mask variation and blending, or a DAM paste of a real (or
-   procedural) one; the detector learns to segment it (focal loss, as DRAEM).
+   their masks into a second bank. Then each training image (a ``detector_crop`` crop of it, if
+   set) gets, with probability ``defect_probability``, a defect: a generated one (share
+   ``generated_fraction``), pasted from that bank by the DAM's augmentation, mask variation and
+   blending, or a DAM paste of a real (or procedural) one; the detector learns to segment it
+   (focal loss, as DRAEM).
 3. At the end of fitting, the defect-type head is fitted (a linear discriminant with a shrunk covariance) on
    ``type_samples_per_type`` defects of every known type: with ``type_head_source="both"`` (default)
    half are DAM pastes of the site's real defects of that type and half generated defects of that
@@ -57,6 +58,7 @@ from anomalib_diffusion.augmentation import (
     DefectPaste,
     PerlinAnomalySynthesis,
 )
+from anomalib_diffusion.augmentation.defects import change_inside
 from anomalib_diffusion.components import (
     CheckpointOwnerMixin,
     FittedModuleMixin,
@@ -511,7 +513,7 @@ class DADDA(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
     def _paste_then_generate(
         self, images: torch.Tensor, generate: torch.Tensor, defect_types: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """:meth:`_dam_or_generated`'s ``(images, masks)``, and the DAM pastes the generated defects replaced."""
+        """:meth:`_dam_or_generated`'s ``(images, masks)``, and the DAM pastes that generated defects replaced."""
         dam = self._require_dam()
         if defect_types is None:
             samples = dam(images)
@@ -522,10 +524,11 @@ class DADDA(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
             samples = dam(images, torch.where(is_held, defect_types, -1))
         pasted = samples.defect_types >= 0
         types = samples.defect_types if defect_types is None else torch.where(pasted, defect_types, -1)
-        outputs, masks = samples.images, samples.masks
-        pastes = outputs.clone()
+        outputs = pastes = samples.images
+        masks = samples.masks
         generate = (generate & pasted).to(images.device)
         if generate.any():
+            outputs = pastes.clone()  # the pastes stay as they were; generated defects replace them in the copy
             corners = defect_crop_boxes(masks[generate], self.patch_size)
             crop_masks = crop_at(masks[generate], corners, self.patch_size)
             # SDEdit from the paste only where it shows the wanted type (a held one); other types from pure noise.
@@ -604,7 +607,7 @@ class DADDA(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
     def _visible_generated(
         self, normal_images: torch.Tensor, defect_type: int, bar: tqdm
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``generated_pool`` generated defects of one type on normal images, those that pass ``generated_min_change`` first.
+        """``generated_pool`` generated defects of one type, those that pass ``generated_min_change`` first.
 
         Draws batches until that many pass, or three times the pool has been drawn, and keeps the most visible. A
         defect's change is the mean absolute difference from the normal image inside its mask (over channels); the
@@ -613,9 +616,9 @@ class DADDA(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
         """
         per_batch, attempts = 8, 3 * self.generated_pool
         images, masks, generated_change, pasted_change = [], [], [], []
-        drawn, passed = 0, torch.zeros(0, dtype=torch.bool)
-        while drawn < attempts and int(passed.sum()) < self.generated_pool:
-            size = min(per_batch, attempts - drawn, self.generated_pool - int(passed.sum()))
+        drawn, passed, count = 0, torch.zeros(0, dtype=torch.bool), 0
+        while drawn < attempts and count < self.generated_pool:
+            size = min(per_batch, attempts - drawn, self.generated_pool - count)
             backgrounds = normal_images[torch.randint(len(normal_images), (size,))]
             requested = torch.full((size,), defect_type, dtype=torch.long)
             outputs, batch_masks, pastes = self._paste_then_generate(
@@ -627,17 +630,17 @@ class DADDA(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
             generated_change.append(change_inside(outputs[present], backgrounds[present], batch_masks[present]))
             pasted_change.append(change_inside(pastes[present], backgrounds[present], batch_masks[present]))
             drawn += size
-            before = min(int(passed.sum()), self.generated_pool)
             reference = torch.cat(pasted_change)  # every draw of the type so far, not this batch's alone
             bar_change = self.generated_min_change * reference.median() if len(reference) else 0.0
             passed = torch.cat(generated_change) >= bar_change
-            bar.update(min(int(passed.sum()), self.generated_pool) - before)
-        bar.update(self.generated_pool - min(int(passed.sum()), self.generated_pool))
-        if int(passed.sum()) < self.generated_pool:
+            bar.update(min(int(passed.sum()), self.generated_pool) - count)
+            count = min(int(passed.sum()), self.generated_pool)
+        bar.update(self.generated_pool - count)
+        if count < self.generated_pool:
             logger.warning(
                 "D-ADDA: %d of %d generated defects of type %r changed their crop by generated_min_change=%s of the "
                 "DAM pastes' median; the pool keeps the %d most visible.",
-                int(passed.sum()),
+                count,
                 len(passed),
                 self.type_names[defect_type],
                 self.generated_min_change,
@@ -888,12 +891,6 @@ class DADDA(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
 
     def is_fitted(self) -> bool:
         return bool(self.model.fitted)
-
-
-def change_inside(images: torch.Tensor, backgrounds: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """``(B,)``: the mean absolute difference of ``images`` from ``backgrounds`` inside ``masks``, over channels."""
-    difference = ((images - backgrounds).abs() * masks).sum(dim=(1, 2, 3))
-    return (difference / (masks.sum(dim=(1, 2, 3)) * images.shape[1]).clamp_min(1e-12)).cpu()
 
 
 def _check_dadda_config(
