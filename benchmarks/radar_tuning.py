@@ -11,7 +11,9 @@ map; the paper's Isolation Forest on the two Sobel features, fitted on the held-
 ``border_bands``; 1 is one mean and spread per map), and reports every band count side by side; ``"sigmas": [2, 4, 8]``
 does the same for the maps' Gaussian smoothing (RADAR's ``anomaly_map_sigma``). ``"ema": [0.995, 0.999]`` also
 scores exponential moving averages of the same training's weights (keys prefixed ``ema0.995_``), and
-``"lr_schedule": "cosine"`` anneals the learning rate to 0 over the run instead of keeping it at 1e-3.
+``"lr_schedule": "cosine"`` anneals the learning rate to 0 over the run instead of keeping it at ``"lr"`` (1e-3).
+``"augment": "flips"`` flips each training patch at random (left-right, upside down), ``"symmetries"`` also
+transposes it (the eight symmetries of a square).
 Image and pixel AUROC with scikit-learn. The defaults of ``RADAR`` are what won here on the tuning half
 (bump-relief, melt, vegetal); the held-out half is measured only by ``benchmarks/report.py``::
 
@@ -79,6 +81,8 @@ DEFAULT_RUN = {
     "sigmas": [4.0],
     "ema": [],
     "lr_schedule": "constant",
+    "augment": "none",
+    "lr": 1e-3,
 }
 
 TOP_SHARES = (0.001, 0.01, 0.05)
@@ -113,8 +117,19 @@ def load_category(root: Path, category: str, size: int) -> dict:
     }
 
 
+def random_symmetries(patches: torch.Tensor, transpose: bool = True) -> torch.Tensor:
+    """Each square patch flipped left-right and upside down, each with probability 1/2, and with ``transpose`` also
+    transposed (probability 1/2): a uniform draw of the eight symmetries of a square; without it, of the four flips."""
+    draws = torch.rand(3, patches.shape[0]).lt(0.5)[:, :, None, None, None]
+    patches = torch.where(draws[0], patches.flip(-1), patches)
+    patches = torch.where(draws[1], patches.flip(-2), patches)
+    return torch.where(draws[2], patches.transpose(-1, -2), patches) if transpose else patches
+
+
 def quality(args: argparse.Namespace) -> None:
     run = DEFAULT_RUN | json.loads(args.run)
+    if run["augment"] not in {"none", "flips", "symmetries"}:
+        raise SystemExit(f'"augment": {run["augment"]!r} is not one of "none", "flips", "symmetries"')
     data = load_category(args.root, args.category, run["size"])
     torch.manual_seed(0)
     config = UNetConfig(
@@ -125,7 +140,7 @@ def quality(args: argparse.Namespace) -> None:
         mid_attention=run["mid_attention"],
     )
     unet, scheduler = build_unet(config), make_ddpm_scheduler()
-    optimiser = torch.optim.AdamW(unet.parameters(), lr=1e-3)
+    optimiser = torch.optim.AdamW(unet.parameters(), lr=run["lr"])
     decay_lr = None
     if run["lr_schedule"] == "cosine":
         decay_lr = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, run["steps"])
@@ -136,6 +151,8 @@ def quality(args: argparse.Namespace) -> None:
     for _ in range(run["steps"]):
         images = data["fit"][torch.randint(len(data["fit"]), (8,))]
         patches = random_patches(images, run["patch"], run["patches_per_step"]) * 2 - 1
+        if run["augment"] != "none":  # "flips" or "symmetries" (flips and quarter turns)
+            patches = random_symmetries(patches, transpose=run["augment"] == "symmetries")
         noise = torch.randn_like(patches)
         timesteps = torch.randint(low, high, (patches.shape[0],))
         loss = F.mse_loss(unet(scheduler.add_noise(patches, noise, timesteps), timesteps).sample, noise)
