@@ -37,13 +37,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dadda_federated import few_defects
 from report import engine
 
+from anomalib_diffusion.augmentation.defects import change_inside
 from anomalib_diffusion.models import DADDA
 
 STATISTICS = ("change_r", "change_g", "change_b", "abs_change", "spread_change")
 
 
 def colour_statistics(images: torch.Tensor, backgrounds: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """``(B, 5)`` inside each mask: mean change per channel, mean absolute change, change of the mean channel spread."""
+    """``(B, 5)`` inside each mask: mean change per channel, mean absolute change (the pool bar's ``change_inside``),
+    change of the mean channel spread."""
     area = masks.flatten(1).sum(1).clamp_min(1)
 
     def mean(values: torch.Tensor) -> torch.Tensor:
@@ -53,18 +55,20 @@ def colour_statistics(images: torch.Tensor, backgrounds: torch.Tensor, masks: to
         centred = values - mean(values)[:, :, None, None]
         return mean(centred**2).sqrt().mean(1)
 
-    change = images - backgrounds
+    absolute = change_inside(images, backgrounds, masks)[:, None]
     return torch.cat(
-        [mean(change), mean(change.abs()).mean(1, keepdim=True), (spread(images) - spread(backgrounds))[:, None]], 1
-    ).cpu()
+        [mean(images - backgrounds).cpu(), absolute, (spread(images) - spread(backgrounds))[:, None].cpu()], 1
+    )
 
 
-def draw(model: DADDA, defect_type: int, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def draw(
+    model: DADDA, normal_images: torch.Tensor, defect_type: int, count: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``count`` generated defects of one type: ``(images, masks, their statistics, their DAM pastes' statistics)``."""
     images, masks, generated, pasted = [], [], [], []
     for start in range(0, count, 8):
         size = min(8, count - start)
-        backgrounds = model._normal_images[torch.randint(len(model._normal_images), (size,))]
+        backgrounds = normal_images[torch.randint(len(normal_images), (size,))]
         outputs, batch_masks, pastes = model._paste_then_generate(
             backgrounds, torch.ones(size, dtype=torch.bool), torch.full((size,), defect_type)
         )
@@ -80,8 +84,7 @@ def likeness_selection(model: DADDA, report: dict) -> object:
     """A replacement of ``DADDA._visible_generated``: 3x the pool drawn, the nearest to the type's pastes kept."""
 
     def select(normal_images: torch.Tensor, defect_type: int, bar: tqdm) -> tuple[torch.Tensor, torch.Tensor]:
-        del normal_images
-        images, masks, generated, pasted = draw(model, defect_type, 3 * model.generated_pool)
+        images, masks, generated, pasted = draw(model, normal_images, defect_type, 3 * model.generated_pool)
         centre, scale = pasted.mean(0), pasted.std(0).clamp_min(1e-3)
         distance = ((generated - centre) / scale).square().sum(1)
         keep = distance.argsort()[: model.generated_pool]
