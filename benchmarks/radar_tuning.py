@@ -13,7 +13,10 @@ does the same for the maps' Gaussian smoothing (RADAR's ``anomaly_map_sigma``). 
 scores exponential moving averages of the same training's weights (keys prefixed ``ema0.995_``), and
 ``"lr_schedule": "cosine"`` anneals the learning rate to 0 over the run instead of keeping it at ``"lr"`` (1e-3).
 ``"augment": "flips"`` flips each training patch at random (left-right, upside down), ``"symmetries"`` also
-transposes it (the eight symmetries of a square).
+transposes it (the eight symmetries of a square). ``"coarse_scales": [[4], [4, 8]]`` also scores each combined map
+joined by the noise maps of extra U-Net passes over the image average-pooled by those factors (RADAR's
+``coarse_scales``; keys suffixed ``_coarse4``, ``_coarse4-8``). Each margin comes with the defect type of the lowest
+defective image (``weakest_...``).
 Image and pixel AUROC with scikit-learn. The defaults of ``RADAR`` are what won here on the tuning half
 (bump-relief, melt, vegetal); the held-out half is measured only by ``benchmarks/report.py``::
 
@@ -23,9 +26,11 @@ Image and pixel AUROC with scikit-learn. The defaults of ``RADAR`` are what won 
                 "variants": [[10, 1, "full"], [25, 1, "full"]]}'
 
 ``latency``: OpenVINO FP32 latency (min and median of 25 interleaved runs, batch 1, 256x256) of untrained RADAR
-networks of several widths against anomalib's PaDiM on EfficientNet-Lite0 compiled in the same process::
+networks of several widths (and ``--coarse-scales`` sets) against anomalib's PaDiM on EfficientNet-Lite0 compiled in
+the same process::
 
     python benchmarks/radar_tuning.py latency --widths 8,16 8,16,32 16,32,64
+    python benchmarks/radar_tuning.py latency --widths 8,8 --coarse-scales none 4 2,4
 """
 
 import argparse
@@ -83,6 +88,7 @@ DEFAULT_RUN = {
     "lr_schedule": "constant",
     "augment": "none",
     "lr": 1e-3,
+    "coarse_scales": [],
 }
 
 TOP_SHARES = (0.001, 0.01, 0.05)
@@ -98,10 +104,11 @@ def load_image(path: Path, size: int) -> torch.Tensor:
 def load_category(root: Path, category: str, size: int) -> dict:
     train = sorted((root / category / "train" / "good").glob("*.png"))
     held_out = train[::5]
-    paths, labels, masks = [], [], []
+    paths, labels, masks, types = [], [], [], []
     for folder in sorted((root / category / "test").iterdir()):
         for path in sorted(folder.glob("*.png")):
             paths.append(path)
+            types.append(folder.name)
             labels.append(int(folder.name != "good"))
             if folder.name == "good":
                 masks.append(np.zeros((size, size), dtype=bool))
@@ -114,6 +121,7 @@ def load_category(root: Path, category: str, size: int) -> dict:
         "test": torch.stack([load_image(path, size) for path in paths]),
         "labels": np.array(labels),
         "masks": np.stack(masks),
+        "types": np.array(types),
     }
 
 
@@ -184,8 +192,9 @@ def score_network(
     @torch.no_grad()
     def noise_map(images: torch.Tensor, timestep: int, draws: int, mode: str) -> torch.Tensor:
         total = 0
+        height, width = images.shape[-2:]  # a coarse pass's pooled images take the top-left of the noise, as RADAR's
         for draw in range(draws):
-            noise = seeded_noise((1, 3, size, size), draw).expand(len(images), -1, -1, -1)
+            noise = seeded_noise((1, 3, size, size), draw)[..., :height, :width].expand(len(images), -1, -1, -1)
             noisy = noise_at_timestep(scheduler, images * 2 - 1, noise, timestep)
             if mode == "full":
                 predicted = torch.cat([unet(chunk, timestep).sample for chunk in noisy.split(16)])
@@ -196,26 +205,39 @@ def score_network(
             total = total + torch.linalg.vector_norm(predicted - noise, dim=1, keepdim=True)
         return total / draws
 
-    labels, masks = data["labels"], data["masks"]
+    def coarse_map(images: torch.Tensor, scale: int, timestep: int, draws: int) -> torch.Tensor:
+        """The noise map of one full pass over the images average-pooled by ``scale``, upsampled (RADAR's)."""
+        small = noise_map(F.avg_pool2d(images, scale), timestep, draws, "full")
+        return F.interpolate(small, scale_factor=float(scale), mode="bilinear", align_corners=False)
+
+    labels, masks, types = data["labels"], data["masks"], data["types"]
     defective = torch.from_numpy(labels == 1)
+    scales = sorted({scale for scale_set in run["coarse_scales"] for scale in scale_set})
     for timestep, draws, mode in run["variants"]:
         held, test = noise_map(data["held_out"], timestep, draws, mode), noise_map(data["test"], timestep, draws, mode)
         held_edges, test_edges = sobel_edge_map(held), sobel_edge_map(test)
+        held_coarse = [coarse_map(data["held_out"], scale, timestep, draws) for scale in scales]
+        test_coarse = [coarse_map(data["test"], scale, timestep, draws) for scale in scales]
         maps = {}
         for sigma in run["sigmas"]:  # RADAR's anomaly_map_sigma (default 4)
             blur = SeparableGaussianBlur(sigma)
-            normal = torch.cat([blur(held), blur(held_edges)], dim=1)
-            scored = torch.cat([blur(test), blur(test_edges)], dim=1)
+            normal = torch.cat([blur(held), blur(held_edges), *map(blur, held_coarse)], dim=1)
+            scored = torch.cat([blur(test), blur(test_edges), *map(blur, test_coarse)], dim=1)
             for bands in run["border_bands"]:  # 1: one mean and spread per map; more: per distance from the border
-                standardiser = BorderStandardiser(2, bands)
+                standardiser = BorderStandardiser(2 + len(scales), bands)
                 standardiser.fit(band_moments(normal, bands))
-                noise, sobel = standardiser(scored).split(1, dim=1)
+                noise, sobel, *coarse = standardiser(scored).split(1, dim=1)
                 suffix = ("" if bands == 1 else f"_bands{bands}") + ("" if sigma == 4.0 else f"_sigma{sigma:g}")
                 maps |= {
                     f"noise{suffix}": noise,
                     f"sobel{suffix}": sobel,
                     f"combined{suffix}": torch.maximum(noise, sobel),
                 }
+                for scale_set in run["coarse_scales"]:  # the combined map joined by those coarse maps (RADAR's)
+                    joined = maps[f"combined{suffix}"]
+                    for scale in scale_set:
+                        joined = torch.maximum(joined, coarse[scales.index(scale)])
+                    maps[f"combined{suffix}_coarse{'-'.join(map(str, scale_set))}"] = joined
         scores: dict[str, float] = {}
         for name, amap in maps.items():
             flat = amap.flatten(1)
@@ -231,6 +253,8 @@ def score_network(
                 # standard deviations of the normal scores (negative: the two overlap)
                 gap = (top[defective].min() - normal_top.max()) / normal_top.std()
                 scores[f"margin_top{share * 100:g}%_{name}"] = round(float(gap), 2)
+                # the defect type that sets it
+                scores[f"weakest_top{share * 100:g}%_{name}"] = str(types[defective.numpy()][top[defective].argmin()])
         features = {"held": edge_features(held_edges, 32), "test": edge_features(test_edges, 32)}
         forest = TensorIsolationForest(n_estimators=100)
         forest.fit(features["held"])
@@ -275,10 +299,14 @@ def latency(args: argparse.Namespace) -> None:
 
     models = {}
     for widths in args.widths:
-        config = UNetConfig(sample_size=64, block_out_channels=widths, attention_resolutions=(), mid_attention=False)
-        network = RADARModel(unet=config)
-        network.fitted.fill_(True)
-        models[",".join(map(str, widths))] = compiled(network)
+        for scales in args.coarse_scales:
+            config = UNetConfig(
+                sample_size=64, block_out_channels=widths, attention_resolutions=(), mid_attention=False
+            )
+            network = RADARModel(unet=config, coarse_scales=scales)
+            network.fitted.fill_(True)
+            name = ",".join(map(str, widths))
+            models[name if len(args.coarse_scales) == 1 else f"{name} coarse {list(scales)}"] = compiled(network)
     models["PadimLite0"] = compiled(untrained_padim().model)
     requests = {name: model.create_infer_request() for name, model in models.items()}
     times: dict[str, list[float]] = {name: [] for name in requests}
@@ -361,6 +389,13 @@ def main() -> None:
     scoring.add_argument("--forest-on-training-images", action="store_true", help="also fit the forest there")
     timing = commands.add_parser("latency", help="OpenVINO FP32 latency of RADAR widths against PaDiM")
     timing.add_argument("--widths", nargs="+", type=lambda text: tuple(int(w) for w in text.split(",")), required=True)
+    timing.add_argument(
+        "--coarse-scales",
+        nargs="+",
+        type=lambda text: () if text == "none" else tuple(int(s) for s in text.split(",")),
+        default=[(4,)],
+        help="RADAR coarse_scales sets to time, e.g. none 4 2,4 (default: 4, RADAR's)",
+    )
     profiling = commands.add_parser("profile", help="OpenVINO FP32 time per node type of the exported RADAR and PaDiM")
     profiling.add_argument("--settings", default="{}", help="JSON keyword arguments of RADAR (default: its defaults)")
     profiling.add_argument("--runs", type=int, default=20)

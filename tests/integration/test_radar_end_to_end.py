@@ -123,7 +123,6 @@ def test_onnx_export_runs_in_openvino(trained_radar: TrainedModel, demo_root: Pa
 def test_int8_quantises_the_unet_and_keeps_the_scoring_head_working(
     trained_radar: TrainedModel, demo_root: Path, openvino_model: Path, tmp_path: Path
 ) -> None:
-    import openvino as ov
 
     path = trained_radar.engine.export(
         model=trained_radar.model,
@@ -132,14 +131,70 @@ def test_int8_quantises_the_unet_and_keeps_the_scoring_head_working(
         compression_type=CompressionType.INT8_PTQ,
         datamodule=tiny_datamodule(demo_root),
     )
-    quantised_ops = [op for op in ov.Core().read_model(path).get_ops() if op.get_type_name() == "FakeQuantize"]
-    assert len(quantised_ops) > 10, "the U-Net's convolutions must be quantised"
+    assert_only_the_unet_passes_are_quantised(path, passes=1)
     maps = openvino_anomaly_maps(
         {"int8": path, "fp32": openvino_model}, image_tensor(demo_test_images(demo_root, limit=8))
     )
     # The head stays in float: the INT8 map is not flattened and follows the FP32 map.
     assert maps["int8"].std() > 0.1 * maps["fp32"].std()
     assert np.corrcoef(maps["int8"].ravel(), maps["fp32"].ravel())[0, 1] > 0.8
+
+
+def assert_only_the_unet_passes_are_quantised(path: Path, passes: int) -> None:
+    """The U-Net's convolutions carry FakeQuantize; nothing after any noise-map norm (one per U-Net pass) does."""
+    import openvino as ov
+
+    graph = ov.Core().read_model(path)
+    quantised = {op.get_friendly_name() for op in graph.get_ops() if op.get_type_name() == "FakeQuantize"}
+    assert len(quantised) > 10 * passes, "every U-Net pass's convolutions must be quantised"
+    norms = [op for op in graph.get_ordered_ops() if op.get_type_name() == "ReduceL2"]
+    assert len(norms) == passes
+    pending, downstream = list(norms), set()
+    while pending:
+        node = pending.pop()
+        if node.get_friendly_name() not in downstream:
+            downstream.add(node.get_friendly_name())
+            pending.extend(target.get_node() for out in node.outputs() for target in out.get_target_inputs())
+    assert not quantised & downstream, "the scoring head must stay in float"
+
+
+@pytest.fixture(scope="module")
+def coarse_radar(trained_radar: TrainedModel, demo_root: Path) -> RADAR:
+    """The shared RADAR's U-Net and thresholds with one coarse pass (pooling by 2), its score head fitted again."""
+    model = RADAR(**(REFERENCE_RADAR | {"coarse_scales": [2]}))
+    state = {key: value for key, value in trained_radar.model.state_dict().items() if "map_statistics" not in key}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and {key.rsplit(".", 1)[-1] for key in missing} == {"mean", "std"}
+    images = image_tensor(sorted((demo_root / "brick" / "train" / "good").glob("*.png"))[:4])
+    model.eval()
+    with torch.no_grad():
+        model.model.fit_head(model.model.head_statistics(images))
+    return model
+
+
+def test_a_coarse_pass_exports_to_one_graph_that_matches_torch(
+    coarse_radar: RADAR, trained_radar: TrainedModel, demo_root: Path, tmp_path: Path
+) -> None:
+    path = trained_radar.engine.export(model=coarse_radar, export_type=ExportType.OPENVINO, export_root=tmp_path)
+    images = image_tensor(demo_test_images(demo_root))
+    with torch.no_grad():
+        expected = coarse_radar(images)
+    result = openvino_outputs(compile_openvino(path, "f32"), images)
+    np.testing.assert_allclose(result["pred_score"], expected.pred_score.numpy(), atol=1e-4)
+    np.testing.assert_allclose(result["anomaly_map"], expected.anomaly_map.numpy(), atol=1e-4)
+
+
+def test_int8_quantises_every_unet_pass_and_no_scoring_head(
+    coarse_radar: RADAR, trained_radar: TrainedModel, demo_root: Path, tmp_path: Path
+) -> None:
+    path = trained_radar.engine.export(
+        model=coarse_radar,
+        export_type=ExportType.OPENVINO,
+        export_root=tmp_path,
+        compression_type=CompressionType.INT8_PTQ,
+        datamodule=tiny_datamodule(demo_root),
+    )
+    assert_only_the_unet_passes_are_quantised(path, passes=2)
 
 
 def test_int8_without_a_datamodule_says_what_to_pass(trained_radar: TrainedModel, tmp_path: Path) -> None:

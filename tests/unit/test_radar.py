@@ -36,6 +36,12 @@ def tiny_model(**overrides: object) -> RADARModel:
     return model
 
 
+def model_sobel(noise_map: torch.Tensor) -> torch.Tensor:
+    from anomalib_diffusion.components import sobel_edge_map
+
+    return sobel_edge_map(noise_map)
+
+
 class TestRADARModel:
     @pytest.mark.parametrize("mode", ["patch", "full"])
     @pytest.mark.parametrize(("height", "width"), [(64, 64), (70, 90), (32, 33)])
@@ -103,7 +109,7 @@ class TestRADARModel:
         torch.testing.assert_close(averaged, (first + second) / 2, rtol=1e-5, atol=1e-6)
 
     def test_fitted_maps_are_standardised_on_the_images_they_were_fitted_on(self) -> None:
-        model = tiny_model(anomaly_map="noise")
+        model = tiny_model(anomaly_map="noise", coarse_scales=())
         images = torch.rand(6, 3, 64, 64)
         with torch.no_grad():
             model.fit_head(model.head_statistics(images))
@@ -112,10 +118,10 @@ class TestRADARModel:
         assert maps.std().item() == pytest.approx(1.0, abs=1e-2)
 
     def test_statistics_saved_before_the_border_bands_load_into_every_band(self) -> None:
-        state = tiny_model().state_dict()
+        state = tiny_model(coarse_scales=()).state_dict()
         del state["map_statistics.mean"], state["map_statistics.std"]
         state |= {"map_mean": torch.tensor([0.5, 1.5]), "map_std": torch.tensor([2.0, 3.0])}
-        restored = tiny_model(border_bands=4)
+        restored = tiny_model(border_bands=4, coarse_scales=())
         restored.load_state_dict(state)
         torch.testing.assert_close(restored.map_statistics.mean, torch.tensor([[0.5] * 4, [1.5] * 4]))
         torch.testing.assert_close(restored.map_statistics.std, torch.tensor([[2.0] * 4, [3.0] * 4]))
@@ -129,6 +135,39 @@ class TestRADARModel:
             flat = output.anomaly_map.flatten(1)
             expected = flat.topk(int(0.01 * flat.shape[1]), dim=1).values.mean(dim=1)
             torch.testing.assert_close(output.pred_score, expected)
+
+    def test_coarse_noise_map_is_one_full_pass_over_the_pooled_image_upsampled(self) -> None:
+        model = tiny_model(inference_mode="patch", coarse_scales=(4,))
+        images = torch.rand(2, 3, 64, 64)
+        with torch.no_grad():
+            (coarse,) = model.coarse_noise_maps(images)
+            small = model.noise_map(torch.nn.functional.avg_pool2d(images, 4), inference_mode="full")
+        assert small.shape == (2, 1, 16, 16)
+        expected = torch.nn.functional.interpolate(small, size=(64, 64), mode="bilinear", align_corners=False)
+        torch.testing.assert_close(coarse, expected)
+
+    @pytest.mark.parametrize(("height", "width"), [(64, 64), (70, 90), (33, 35)])
+    def test_coarse_maps_join_the_map_by_a_maximum_at_any_size(self, height: int, width: int) -> None:
+        images = torch.rand(2, 3, height, width)
+        model = tiny_model(coarse_scales=(2, 8))
+        with torch.no_grad():
+            coarse = model.coarse_noise_maps(images)
+            output = model(images)
+            noise_map = model.noise_map(images)
+        assert [tuple(each.shape) for each in coarse] == [(2, 1, height, width)] * 2
+        fine = model.standardised_map(noise_map, model_sobel(noise_map))
+        joined = [model.map_statistics(model.blur(each), channel=2 + index) for index, each in enumerate(coarse)]
+        torch.testing.assert_close(output.anomaly_map, torch.maximum(fine, torch.maximum(*joined)))
+        assert not torch.equal(output.anomaly_map, fine), "the coarse maps must reach the anomaly map somewhere"
+
+    def test_without_coarse_scales_the_map_is_the_full_resolution_one(self) -> None:
+        model = tiny_model(coarse_scales=())
+        images = torch.rand(2, 3, 64, 64)
+        with torch.no_grad():
+            noise_map = model.noise_map(images)
+            expected = model.standardised_map(noise_map, model_sobel(noise_map))
+            torch.testing.assert_close(model(images).anomaly_map, expected)
+        assert model.map_statistics.mean.shape == (2, 16)
 
     def test_forest_scores_the_sobel_features(self) -> None:
         model = tiny_model(image_score="forest")
@@ -166,6 +205,11 @@ class TestRADARModule:
             ({"top_k_fraction": 0}, "top_k_fraction=0 must be in"),
             ({"noise_draws": 0}, "noise_draws=0 must be an integer of at least 1"),
             ({"border_bands": 0}, "border_bands=0 must be an integer of at least 1"),
+            (
+                {"coarse_scales": [1]},
+                r"coarse_scales=\[1\] must be a list of integer down-sampling factors of at least 2",
+            ),
+            ({"coarse_scales": [4, 4]}, r"coarse_scales=\[4, 4\] names a factor twice"),
             ({"calibration_fraction": 0.6}, "calibration_fraction=0.6 must be in"),
         ],
     )
@@ -241,6 +285,19 @@ class TestRADARModule:
         batch.image_path = ["held.png", "kept.png"]
         model.training_step(batch)
         assert torch.equal(seen[0], torch.ones_like(seen[0]))
+
+    def test_checkpoint_saved_before_coarse_scales_scores_without_them(self, caplog: pytest.LogCaptureFixture) -> None:
+        old = RADAR(**(TINY | {"coarse_scales": []}))
+        checkpoint: dict = {"state_dict": old.state_dict()}
+        old.on_save_checkpoint(checkpoint)
+        checkpoint["hyper_parameters"] = {k: v for k, v in old.hparams.items() if k != "coarse_scales"}
+        model = RADAR(**(TINY | {"coarse_scales": [4]}))
+        assert model.model.coarse_scales == (4,)
+        model.on_load_checkpoint(checkpoint)
+        model.load_state_dict(checkpoint["state_dict"])  # the statistics of two maps now fit
+        assert model.model.coarse_scales == ()
+        assert model.hparams["coarse_scales"] == []
+        assert "saved before coarse_scales existed" in caplog.text
 
     def test_checkpoint_hooks_tag_the_owner(self) -> None:
         checkpoint: dict = {}

@@ -4,9 +4,9 @@ anomalib's ``INT8_PTQ`` quantises the whole exported graph, calibrated on the va
 (for MVTec AD, anomalous test images). For the diffusion models here that breaks the output:
 the scoring head after the network (noise-map norm, Sobel and Gaussian convolutions, tensor
 Isolation Forest, post-processing) gets FakeQuantize ranges that flatten it (an all-zero
-anomaly map, one score for every image). So only the network is quantised: the head, from the
-first node of ``head_start_type`` on, stays in float, and calibration uses normal training
-images only.
+anomaly map, one score for every image). So only the network is quantised: the head, from every
+node of ``head_start_type`` on (one per network pass), stays in float, and calibration uses normal
+training images only.
 """
 
 from collections.abc import Iterable
@@ -16,7 +16,10 @@ import openvino as ov
 
 
 def head_node_names(model: ov.Model, head_start_type: str) -> list[str]:
-    """Names of every node reachable from the first node of type ``head_start_type``, inclusive."""
+    """Names of every node reachable from any node of type ``head_start_type``, inclusive.
+
+    A graph that runs its network more than once (RADAR's coarse passes) has one such node after each run.
+    """
     starts = [op for op in model.get_ordered_ops() if op.get_type_name() == head_start_type]
     if not starts:
         msg = (
@@ -25,7 +28,7 @@ def head_node_names(model: ov.Model, head_start_type: str) -> list[str]:
         )
         raise ValueError(msg)
     seen: dict[str, ov.Node] = {}
-    pending = [starts[0]]
+    pending = list(starts)
     while pending:
         node = pending.pop()
         name = node.get_friendly_name()

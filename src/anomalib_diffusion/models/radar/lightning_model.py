@@ -11,8 +11,9 @@ Example:
     >>> engine.fit(model=RADAR(), datamodule=MVTecAD(root="datasets/demo", category="brick"))  # doctest: +SKIP
 """
 
+import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -49,6 +50,8 @@ if TYPE_CHECKING:
     import openvino as ov
 
 __all__ = ["RADAR"]
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_IMAGE_SIZE = (256, 256)
 
@@ -90,6 +93,8 @@ class RADAR(CheckpointOwnerMixin, FittedModuleMixin, HoldoutMixin, AnomalibModul
         noise_draws: Fixed noise draws averaged into the noise map (each costs one more U-Net pass).
         border_bands: Rings of pixels from the image edge inwards whose map statistics are fitted apart (the
             U-Net's noise map is raised near the border on normal images); ``1`` fits one mean and spread.
+        coarse_scales: Down-sampling factors of extra U-Net passes over the average-pooled image, whose noise maps
+            join the anomaly map by a maximum (each costs ``1 / factor**2`` of the full pass); ``[]`` for none.
         calibration_fraction: Share of the training images held out of training, to fit the score head on.
         pre_processor: ``True`` for the default (resize, no ImageNet normalisation), a
             pre-processor, or ``False``.
@@ -117,6 +122,7 @@ class RADAR(CheckpointOwnerMixin, FittedModuleMixin, HoldoutMixin, AnomalibModul
         "anomaly_map_sigma",
         "noise_draws",
         "border_bands",
+        "coarse_scales",
         "calibration_fraction",
     )
 
@@ -146,6 +152,7 @@ class RADAR(CheckpointOwnerMixin, FittedModuleMixin, HoldoutMixin, AnomalibModul
         top_k_fraction: float = 0.01,
         noise_draws: int = 1,
         border_bands: int = 16,
+        coarse_scales: Sequence[int] = (),
         calibration_fraction: float = 0.2,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
@@ -194,6 +201,7 @@ class RADAR(CheckpointOwnerMixin, FittedModuleMixin, HoldoutMixin, AnomalibModul
             top_k_fraction=top_k_fraction,
             noise_draws=noise_draws,
             border_bands=border_bands,
+            coarse_scales=as_int_tuple(coarse_scales),
         )
 
     @classmethod
@@ -246,6 +254,19 @@ class RADAR(CheckpointOwnerMixin, FittedModuleMixin, HoldoutMixin, AnomalibModul
     def is_fitted(self) -> bool:
         return bool(self.model.fitted)
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Checkpoints saved before ``coarse_scales`` existed were fitted on the full-resolution maps: they score so."""
+        super().on_load_checkpoint(checkpoint)
+        saved = checkpoint.get("hyper_parameters", {})
+        if saved and "coarse_scales" not in saved and self.model.coarse_scales:
+            logger.warning(
+                "This RADAR checkpoint was saved before coarse_scales existed and its score head was fitted on the "
+                "full-resolution maps only: it scores with coarse_scales=[] (train again to score with %s).",
+                list(self.model.coarse_scales),
+            )
+            self.model.drop_coarse_scales()
+            self.hparams["coarse_scales"] = []
+
     def _compress_ov_model(
         self,
         model: "ov.Model",
@@ -258,5 +279,5 @@ class RADAR(CheckpointOwnerMixin, FittedModuleMixin, HoldoutMixin, AnomalibModul
         """INT8_PTQ quantises the U-Net only, calibrated on normal training images (see ``quantize_network``)."""
         if compression_type != CompressionType.INT8_PTQ:
             return super()._compress_ov_model(model, compression_type, datamodule, metric, task, max_drop)
-        # The noise map's channel norm (ReduceL2) is where the U-Net ends and the scoring head begins.
+        # The noise maps' channel norms (ReduceL2, one per pass) are where the U-Net ends and the scoring head begins.
         return int8_network_only(model, datamodule, head_start_type="ReduceL2")

@@ -13,14 +13,16 @@ norm and its largest sliding-window L2 norm are the two image features that an I
 turns into the image score (``anomaly_map="sobel"``, ``image_score="forest"``). Our defaults
 (measured in docs/radar.md): the smoothed noise map itself, or its maximum with the Sobel map,
 each standardised by its mean and spread over held-out normal images per distance from the image
-border (the U-Net's noise map is raised near the border), and the mean of the map's highest values as the
-image score, which rises with the map everywhere.
+border (the U-Net's noise map is raised near the border), optionally joined by the noise maps of extra passes over
+the image average-pooled by ``coarse_scales``, and the mean of the map's highest values as the image score, which
+rises with the map everywhere.
 """
 
 import math
 from typing import Literal, get_args
 
 import torch
+import torch.nn.functional as F  # noqa: N812
 from anomalib.data import InferenceBatch
 from torch import nn
 
@@ -77,6 +79,10 @@ class RADARModel(nn.Module):
         noise_draws: Fixed noise draws whose noise maps are averaged (one U-Net call on ``noise_draws`` x the batch).
         border_bands: Rings of pixels from the image edge inwards whose map statistics are fitted apart (the
             last band is the whole inside); ``1`` standardises every pixel alike. See :class:`BorderStandardiser`.
+        coarse_scales: Down-sampling factors of extra U-Net passes, each over the whole image average-pooled by its
+            factor (and at the same timestep); their noise maps, upsampled, smoothed and standardised like the
+            full-resolution one, join the chosen anomaly map by a maximum. Each costs ``1 / factor**2`` of the
+            full-resolution pass; ``()`` scores the full resolution only.
     """
 
     def __init__(
@@ -97,10 +103,11 @@ class RADARModel(nn.Module):
         top_k_fraction: float = 0.01,
         noise_draws: int = 1,
         border_bands: int = 16,
+        coarse_scales: tuple[int, ...] = (),
     ) -> None:
         super().__init__()
         _check_inference_config(unet.sample_size, stride, timestep, window_size, inference_mode, train_timestep_range)
-        _check_scoring_config(anomaly_map, image_score, top_k_fraction, noise_draws, border_bands)
+        _check_scoring_config(anomaly_map, image_score, top_k_fraction, noise_draws, border_bands, coarse_scales)
         self.unet_config = unet
         self.patch_size = unet.sample_size
         self.stride = stride
@@ -117,9 +124,10 @@ class RADARModel(nn.Module):
         self.image_score = image_score
         self.top_k_fraction = top_k_fraction
         self.inference_noise = FixedNoiseDraws(unet.in_channels, noise_seed, noise_draws)
-        # Mean and standard deviation of the smoothed noise (channel 0) and Sobel (1) maps over held-out normal
-        # pixels, per border band.
-        self.map_statistics = BorderStandardiser(2, border_bands)
+        self.coarse_scales = tuple(coarse_scales)
+        # Mean and standard deviation of the smoothed noise (channel 0), Sobel (1) and coarse noise maps (2, ...)
+        # over held-out normal pixels, per border band.
+        self.map_statistics = BorderStandardiser(2 + len(self.coarse_scales), border_bands)
         self.register_buffer("fitted", torch.tensor(False))
         self.fitted: torch.Tensor
 
@@ -132,44 +140,74 @@ class RADARModel(nn.Module):
             return self.predict_training_noise(images)
         noise_map = self.noise_map(images)
         edge_map = sobel_edge_map(noise_map)
-        anomaly_map = self.standardised_map(noise_map, edge_map)
+        anomaly_map = self.standardised_map(noise_map, edge_map, self.coarse_noise_maps(images))
         if self.image_score == "forest":
             pred_score = self.forest(edge_features(edge_map, self.window_size))
         else:
             pred_score = top_k_mean(anomaly_map, self.top_k_fraction)
         return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
 
-    def standardised_map(self, noise_map: torch.Tensor, edge_map: torch.Tensor) -> torch.Tensor:
-        """The chosen anomaly map: smoothed, then standardised with the held-out normal images' statistics."""
+    def standardised_map(
+        self, noise_map: torch.Tensor, edge_map: torch.Tensor, coarse_maps: list[torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """The chosen anomaly map: smoothed, then standardised with the held-out normal images' statistics.
 
-        def standardised(raw_map: torch.Tensor, index: int) -> torch.Tensor:  # index 0: noise map, 1: Sobel map
+        The coarse noise maps (:meth:`coarse_noise_maps`, one per ``coarse_scales`` factor) join it by a maximum.
+        """
+
+        def standardised(raw_map: torch.Tensor, index: int) -> torch.Tensor:  # 0: noise, 1: Sobel, 2...: coarse
             return self.map_statistics(self.blur(raw_map), channel=index)
 
         if self.anomaly_map == "sobel":
-            return standardised(edge_map, 1)
-        noise = standardised(noise_map, 0)
-        if self.anomaly_map == "noise":
-            return noise
-        return torch.maximum(noise, standardised(edge_map, 1))
+            anomaly_map = standardised(edge_map, 1)
+        else:
+            anomaly_map = standardised(noise_map, 0)
+            if self.anomaly_map == "combined":
+                anomaly_map = torch.maximum(anomaly_map, standardised(edge_map, 1))
+        for index, coarse_map in enumerate(coarse_maps or []):
+            anomaly_map = torch.maximum(anomaly_map, standardised(coarse_map, 2 + index))
+        return anomaly_map
+
+    def coarse_noise_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """One ``(B, 1, H, W)`` noise map per ``coarse_scales`` factor: the image average-pooled by the factor, one
+        full pass of the U-Net at the inference timestep, the map upsampled bilinearly back to ``H x W``."""
+        height, width = images.shape[-2:]
+        maps = []
+        for scale in self.coarse_scales:
+            multiple = scale * self.unet_config.downsampling_factor
+            padded = pad_to(images, math.ceil(height / multiple) * multiple, math.ceil(width / multiple) * multiple)
+            small_map = self.noise_map(F.avg_pool2d(padded, scale), inference_mode="full")
+            upsampled = F.interpolate(small_map, scale_factor=float(scale), mode="bilinear", align_corners=False)
+            maps.append(upsampled[..., :height, :width])
+        return maps
 
     def head_statistics(self, images: torch.Tensor) -> torch.Tensor:
-        """``(B, 4 * border_bands + 2)`` per image: the smoothed maps' band moments, then the 2 forest features.
+        """``(B, 2 * M * border_bands + 2)`` per image: the M smoothed maps' band moments, then the 2 forest features.
 
-        The moments are :func:`band_moments` of the smoothed noise and Sobel maps, flattened.
+        The moments are :func:`band_moments` of the smoothed noise, Sobel and coarse noise maps (M = 2 + the number
+        of ``coarse_scales``), flattened.
         """
         noise_map = self.noise_map(images)
         edge_map = sobel_edge_map(noise_map)
-        smoothed = torch.cat([self.blur(noise_map), self.blur(edge_map)], dim=1)
+        maps = [noise_map, edge_map, *self.coarse_noise_maps(images)]
+        smoothed = torch.cat([self.blur(raw_map) for raw_map in maps], dim=1)
         moments = band_moments(smoothed, self.map_statistics.bands).flatten(1)
         return torch.cat([moments, edge_features(edge_map, self.window_size).double()], dim=1)
 
     def fit_head(self, statistics: torch.Tensor) -> None:
         """Set the map statistics (and fit the forest, if it scores) from :meth:`head_statistics` of normal images."""
-        bands = self.map_statistics.bands
-        self.map_statistics.fit(statistics[:, : 4 * bands].reshape(-1, 2, bands, 2))
+        channels, bands = self.map_statistics.mean.shape
+        size = 2 * channels * bands
+        self.map_statistics.fit(statistics[:, :size].reshape(-1, channels, bands, 2))
         if self.image_score == "forest":
-            self.forest.fit(statistics[:, 4 * bands :].float())
+            self.forest.fit(statistics[:, size:].float())
         self.fitted.fill_(True)
+
+    def drop_coarse_scales(self) -> None:
+        """Score with the full-resolution maps only (checkpoints fitted before ``coarse_scales`` existed)."""
+        device = self.map_statistics.mean.device
+        self.coarse_scales = ()
+        self.map_statistics = BorderStandardiser(2, self.map_statistics.bands).to(device)
 
     def _load_from_state_dict(self, state_dict: dict[str, torch.Tensor], prefix: str, *args: object) -> None:
         """Checkpoints from before the border bands name the map statistics ``map_mean`` and ``map_std``."""
@@ -191,10 +229,14 @@ class RADARModel(nn.Module):
         noisy = self.scheduler.add_noise(samples, noise, timesteps)
         return self.unet(noisy, timesteps).sample, noise
 
-    def noise_map(self, images: torch.Tensor) -> torch.Tensor:
-        """``(B, 3, H, W)`` images -> ``(B, 1, H, W)`` per-pixel norm of ``eps_theta(x_t, t) - eps``."""
+    def noise_map(self, images: torch.Tensor, inference_mode: InferenceMode | None = None) -> torch.Tensor:
+        """``(B, 3, H, W)`` images -> ``(B, 1, H, W)`` per-pixel norm of ``eps_theta(x_t, t) - eps``.
+
+        ``inference_mode`` overrides the model's (the coarse passes always run on the whole image).
+        """
         height, width = images.shape[-2:]
-        if self.inference_mode == "patch":
+        inference_mode = inference_mode or self.inference_mode
+        if inference_mode == "patch":
             padded_size = (
                 grid_size(height, self.patch_size, self.stride),
                 grid_size(width, self.patch_size, self.stride),
@@ -206,7 +248,7 @@ class RADARModel(nn.Module):
         # Every draw of the fixed noise in one U-Net call: (draws * B, C, H, W), draw-major.
         samples, noise = self.inference_noise.batch(samples)
         noisy = noise_at_timestep(self.scheduler, samples, noise, self.timestep)
-        if self.inference_mode == "patch":
+        if inference_mode == "patch":
             patches = extract_patches(noisy, self.patch_size, self.stride)
             predicted = stitch_patches(self.predict_noise(patches), noisy.shape[0], padded_size, self.stride)
         else:
@@ -225,7 +267,12 @@ class RADARModel(nn.Module):
 
 
 def _check_scoring_config(
-    anomaly_map: str, image_score: str, top_k_fraction: float, noise_draws: int, border_bands: int
+    anomaly_map: str,
+    image_score: str,
+    top_k_fraction: float,
+    noise_draws: int,
+    border_bands: int,
+    coarse_scales: tuple[int, ...],
 ) -> None:
     choices = (
         choice_problem("anomaly_map", anomaly_map, ANOMALY_MAPS),
@@ -238,9 +285,22 @@ def _check_scoring_config(
         problems.append(problem)
     if problem := border_bands_problem(border_bands):
         problems.append(problem)
+    if problem := coarse_scales_problem(coarse_scales):
+        problems.append(problem)
     if problems:
         msg = "Invalid RADAR configuration: " + "; ".join(problems) + "."
         raise ValueError(msg)
+
+
+def coarse_scales_problem(coarse_scales: object) -> str | None:
+    """Why ``coarse_scales`` is not a list of distinct down-sampling factors of at least 2, or ``None``."""
+    scales = list(coarse_scales) if isinstance(coarse_scales, list | tuple) else None
+    if scales is None or any(isinstance(s, bool) or not isinstance(s, int) or s < 2 for s in scales):  # noqa: PLR2004
+        shown = coarse_scales if scales is None else scales
+        return f"coarse_scales={shown!r} must be a list of integer down-sampling factors of at least 2 (or [])"
+    if len(set(scales)) != len(scales):
+        return f"coarse_scales={scales} names a factor twice"
+    return None
 
 
 def _check_inference_config(
