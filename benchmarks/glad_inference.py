@@ -60,6 +60,7 @@ from anomalib_diffusion.models import GLAD
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from glad_border import smoothed_maps, study_parser
+from glad_diagnose import swapped
 from report import datamodule, engine
 
 STEP_LISTS = ("600-400-200-0", "400-200-0", "666-333-0")
@@ -147,12 +148,8 @@ def distance_maps(model: GLAD, loader: torch.utils.data.DataLoader, lite0: torch
             reconstruction = network.reconstruct(samples, noise=noise).reconstruction
             copies = len(network.inference_noise)
             own = network.distance_map(padded, reconstruction, copies=copies)
-            features, pixel_weight = network.features, network.pixel_weight
-            network.features, network.pixel_weight = lite0, 0.0
-            try:
+            with swapped(network, features=lite0, pixel_weight=0.0):  # the Lite0 feature distance alone
                 other = network.distance_map(padded, reconstruction, copies=copies)
-            finally:
-                network.features, network.pixel_weight = features, pixel_weight
             for name, distance in (("own", own), ("lite0", other)):
                 maps[name].extend(network.blur(network.inference_noise.average(distance[..., :height, :width])))
             if batch.gt_mask is not None:

@@ -299,10 +299,8 @@ def latency(args: argparse.Namespace) -> None:
 
     models = {}
     for widths in args.widths:
+        config = UNetConfig(sample_size=64, block_out_channels=widths, attention_resolutions=(), mid_attention=False)
         for scales in args.coarse_scales:
-            config = UNetConfig(
-                sample_size=64, block_out_channels=widths, attention_resolutions=(), mid_attention=False
-            )
             network = RADARModel(unet=config, coarse_scales=scales)
             network.fitted.fill_(True)
             name = ",".join(map(str, widths))
@@ -393,8 +391,8 @@ def main() -> None:
         "--coarse-scales",
         nargs="+",
         type=lambda text: () if text == "none" else tuple(int(s) for s in text.split(",")),
-        default=[(4,)],
-        help="RADAR coarse_scales sets to time, e.g. none 4 2,4 (default: 4, RADAR's)",
+        default=[()],
+        help="RADAR coarse_scales sets to time, e.g. none 4 2,4 (default: none, RADAR's)",
     )
     profiling = commands.add_parser("profile", help="OpenVINO FP32 time per node type of the exported RADAR and PaDiM")
     profiling.add_argument("--settings", default="{}", help="JSON keyword arguments of RADAR (default: its defaults)")

@@ -7,7 +7,7 @@ import pytest
 import torch
 from anomalib.data import ImageBatch, InferenceBatch
 
-from anomalib_diffusion.components import UNetConfig
+from anomalib_diffusion.components import UNetConfig, sobel_edge_map
 from anomalib_diffusion.components.noising import NOISE_TILE
 from anomalib_diffusion.models import RADAR
 from anomalib_diffusion.models.radar import RADARModel
@@ -34,12 +34,6 @@ def tiny_model(**overrides: object) -> RADARModel:
         model.fit_head(model.head_statistics(torch.rand(6, 3, 64, 64)))
     model.forest.fit(np.random.default_rng(0).random((20, 2)).astype(np.float32))
     return model
-
-
-def model_sobel(noise_map: torch.Tensor) -> torch.Tensor:
-    from anomalib_diffusion.components import sobel_edge_map
-
-    return sobel_edge_map(noise_map)
 
 
 class TestRADARModel:
@@ -155,7 +149,7 @@ class TestRADARModel:
             output = model(images)
             noise_map = model.noise_map(images)
         assert [tuple(each.shape) for each in coarse] == [(2, 1, height, width)] * 2
-        fine = model.standardised_map(noise_map, model_sobel(noise_map))
+        fine = model.standardised_map(noise_map, sobel_edge_map(noise_map))
         joined = [model.map_statistics(model.blur(each), channel=2 + index) for index, each in enumerate(coarse)]
         torch.testing.assert_close(output.anomaly_map, torch.maximum(fine, torch.maximum(*joined)))
         assert not torch.equal(output.anomaly_map, fine), "the coarse maps must reach the anomaly map somewhere"
@@ -165,7 +159,7 @@ class TestRADARModel:
         images = torch.rand(2, 3, 64, 64)
         with torch.no_grad():
             noise_map = model.noise_map(images)
-            expected = model.standardised_map(noise_map, model_sobel(noise_map))
+            expected = model.standardised_map(noise_map, sobel_edge_map(noise_map))
             torch.testing.assert_close(model(images).anomaly_map, expected)
         assert model.map_statistics.mean.shape == (2, 16)
 
