@@ -86,8 +86,9 @@ def measure(root: Path, category: str, max_steps: int, seed: int) -> dict:
     seed_everything(seed, workers=True)
     data = datamodule(root, category, seed, batch=8)
     # One band and no hold-out: the U-Net trains on every training image, and the map is the plain smoothed distance
-    # (one band's standardisation is a monotone rescaling; no AUROC below depends on it); one noise draw, as then.
-    model = GLAD(max_steps=max_steps, border_bands=1, calibration_fraction=0.0, noise_draws=1)
+    # (one band's standardisation is a monotone rescaling; no AUROC below depends on it); one noise draw and the own
+    # encoder's distance alone, as then.
+    model = GLAD(max_steps=max_steps, border_bands=1, calibration_fraction=0.0, noise_draws=1, extra_features=[])
     start = time.perf_counter()
     engine(Path("runs/glad_border") / category).fit(model=model, datamodule=data)
     fit_seconds = time.perf_counter() - start

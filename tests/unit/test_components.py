@@ -263,6 +263,13 @@ class TestSeparableGaussianBlur:
         full = GaussianBlur2d(sigma=4.0, channels=1, kernel_size=25)
         torch.testing.assert_close(SeparableGaussianBlur(4.0)(maps), full(maps), atol=1e-5, rtol=0)
 
+    def test_channels_are_blurred_each_on_its_own(self) -> None:
+        maps = torch.rand(2, 3, 40, 50, generator=torch.Generator().manual_seed(0))
+        full = GaussianBlur2d(sigma=2.0, channels=3, kernel_size=13)  # anomalib's depthwise blur of all channels
+        blurred = SeparableGaussianBlur(2.0)(maps)
+        torch.testing.assert_close(blurred, full(maps), atol=1e-5, rtol=0)
+        torch.testing.assert_close(blurred[:, 1:2], SeparableGaussianBlur(2.0)(maps[:, 1:2]), rtol=0, atol=0)
+
     def test_loads_a_state_dict_that_holds_anomalibs_kernel(self) -> None:
         """RADAR / GLAD checkpoints written with anomalib's blur carry its kernel buffer."""
         old = torch.nn.Sequential(GaussianBlur2d(sigma=2.0, channels=1, kernel_size=13))

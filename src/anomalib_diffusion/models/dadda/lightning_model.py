@@ -119,6 +119,9 @@ class DADDA(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
             normal) instead of the defective crop itself: an undertrained generator then draws a faint change
             on the real background, not mid-grey noise, and a type's darker or lighter look is a shift of the
             change's mean. ``False``: the defective crop itself (the default before 2026-12-06).
+        generator_type_channels: Give the generator the defect type as input planes too (the mask in its type's
+            plane, zeros in the others), beside the class embedding: the type reaches the defect's pixels at the
+            first convolution instead of only shifting the U-Net's features everywhere.
         detector_width: Base channel width of the detector (anomalib's DRAEM segmentation network).
         defect_types: Defect type names in index order. ``None`` takes the types of the real
             defects found at fit time (sorted); federated sites pass the same list so indices agree.
@@ -169,6 +172,7 @@ class DADDA(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
         "generator_target",
         "generator_guidance",
         "generator_residual",
+        "generator_type_channels",
     )
 
     def __init__(
@@ -185,6 +189,7 @@ class DADDA(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
         generator_target: str = "sample",
         generator_guidance: float = 1.0,
         generator_residual: bool = True,
+        generator_type_channels: bool = False,
         detector_width: int = 16,
         defect_types: Sequence[str] | None = None,
         max_defect_types: int = 16,
@@ -282,6 +287,7 @@ class DADDA(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
             generator_guidance=generator_guidance,
             generation_repaint=generation_repaint,
             generator_residual=generator_residual,
+            generator_type_channels=generator_type_channels,
         )
         self.dam: DataAugmentationModule | None = None
         # The generator's defects that the detector trains on (built when the detector phase starts).

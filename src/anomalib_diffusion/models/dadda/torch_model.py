@@ -69,7 +69,8 @@ class DefectGenerator(nn.Module):
     sampling follows ``f(null) + guidance_scale * (f(c) - f(null))``, which strengthens what sets a type apart.
 
     Args:
-        unet: Shape of the U-Net; ``in_channels``/``out_channels`` are set here (7 in, 3 out) and
+        unet: Shape of the U-Net; ``in_channels``/``out_channels`` are set here (7 in, or 7 + types with
+            ``type_channels``; 3 out) and
             ``num_class_embeds`` must be the number of defect types it can be conditioned on.
         num_inference_steps: DDIM steps when sampling.
         defect_weight: Extra loss weight inside the mask.
@@ -83,6 +84,9 @@ class DefectGenerator(nn.Module):
             changed) instead of the defective crop (``x0 = 2 * defective - 1``). A U-Net that has learnt little
             then draws a small change on the given background, not mid-grey noise, and what sets a type apart
             (darker, lighter, another colour) is a shift of the change's mean.
+        type_channels: Also give the type as input planes: one per type, the mask in its type's plane and zeros
+            in the others (the null type of guidance: all zeros). The class embedding only shifts the U-Net's
+            features everywhere; the planes put the type at the defect's pixels, into the first convolution.
     """
 
     def __init__(
@@ -94,6 +98,7 @@ class DefectGenerator(nn.Module):
         guidance_scale: float = 1.0,
         repaint: bool = False,
         residual: bool = False,
+        type_channels: bool = False,
     ) -> None:
         super().__init__()
         if not unet.num_class_embeds:
@@ -107,10 +112,12 @@ class DefectGenerator(nn.Module):
         self.guidance_scale = guidance_scale
         self.repaint = repaint
         self.residual = residual
+        self.type_planes = unet.num_class_embeds if type_channels else 0
         # The null type of classifier-free guidance is one more class embedding, after the real types.
         self.null_type = unet.num_class_embeds if guidance_scale > 1 else None
         if self.null_type is not None:
             unet = replace(unet, num_class_embeds=unet.num_class_embeds + 1)
+        unet = replace(unet, in_channels=7 + self.type_planes, out_channels=3)
         self.unet = build_unet(unet)
         self.train_scheduler = make_ddpm_scheduler(
             num_train_timesteps=NUM_TRAIN_TIMESTEPS, prediction_type=prediction_type
@@ -129,8 +136,12 @@ class DefectGenerator(nn.Module):
         defect_types: torch.Tensor,
     ) -> torch.Tensor:
         """The U-Net's prediction (see ``prediction_type``); ``noisy`` and ``background`` in ``[-1, 1]``, ``masks`` in {0, 1}."""
-        inputs = torch.cat([noisy, background * (1 - masks), masks], dim=1)
-        return self.unet(inputs, timesteps, class_labels=defect_types).sample
+        inputs = [noisy, background * (1 - masks), masks]
+        if self.type_planes:
+            # One-hot over the types and the null type, whose column is dropped: the null type has no plane.
+            one_hot = F.one_hot(defect_types, self.type_planes + 1)[:, : self.type_planes].to(masks.dtype)
+            inputs.append(one_hot[:, :, None, None] * masks)
+        return self.unet(torch.cat(inputs, dim=1), timesteps, class_labels=defect_types).sample
 
     def _clean(self, defective: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
         """What the generator diffuses, from crops in ``[0, 1]``: the defective crop in ``[-1, 1]``, or its change."""
@@ -278,6 +289,7 @@ class DADDAModel(nn.Module):
         generator_guidance: The generator's classifier-free guidance scale (1: none).
         generation_repaint: Sample with RePaint's known-region replacement (``DefectGenerator``'s ``repaint``).
         generator_residual: Diffuse the change from the background (``DefectGenerator``'s ``residual``).
+        generator_type_channels: Give the type as input planes too (``DefectGenerator``'s ``type_channels``).
         top_k_fraction: Share of the highest anomaly-map values averaged into the image score.
     """
 
@@ -293,6 +305,7 @@ class DADDAModel(nn.Module):
         generator_guidance: float = 1.0,
         generation_repaint: bool = False,
         generator_residual: bool = True,
+        generator_type_channels: bool = False,
     ) -> None:
         super().__init__()
         self.generator = DefectGenerator(
@@ -303,6 +316,7 @@ class DADDAModel(nn.Module):
             generator_guidance,
             generation_repaint,
             generator_residual,
+            generator_type_channels,
         )
         self.detector = DefectDetector(detector_width)
         self.max_defect_types = max_defect_types

@@ -27,7 +27,8 @@ Scoring: the feature distance between the input and the reconstruction (averaged
 reconstructions from differently seeded noise), Gaussian-blurred and
 standardised per border band with held-out normal images' statistics (:class:`BorderStandardiser`: the
 map is raised near the image border on normal images), is the ``anomaly_map``; the mean of its top pixels
-is ``pred_score``.
+is ``pred_score``. With ``extra_features`` the same reconstructions are also compared in those feature spaces
+(the ImageNet EfficientNet-Lite0's, say); each distance is standardised on its own, and the map is their mean.
 """
 
 from collections.abc import Sequence
@@ -60,6 +61,9 @@ from anomalib_diffusion.components.noising import noise_draws_problem
 from anomalib_diffusion.components.validation import share_problem
 
 FeatureExtractorName = Literal["unet", "efficientnet_lite0"]
+FEATURE_EXTRACTORS = ("unet", "efficientnet_lite0")
+# The layers compared when a setting names none (and always for the extra_features distances).
+DEFAULT_FEATURE_LAYERS: dict[str, tuple[int, ...]] = {"unet": (0, 1), "efficientnet_lite0": (1, 2)}
 NUM_TRAIN_TIMESTEPS = 1000
 
 
@@ -103,6 +107,10 @@ class GLADModel(nn.Module):
         noise_draws: Fixed noise draws (seeds ``noise_seed``, ``noise_seed + 1``, ...), each reconstructed; their
             distance maps are averaged (``noise_draws`` x the U-Net calls).
         border_bands: Border bands of the anomaly map's standardisation (``1``: one mean and spread).
+        extra_features: Further feature spaces in which the input and its reconstruction are compared, at their
+            default layers, without the pixel term (``feature_extractor``, if named, is skipped: its distance is
+            the first). Each distance map is smoothed and standardised on its own; the anomaly map is the mean of
+            all of them. The step search (ADS) keeps ``feature_extractor``'s distance.
     """
 
     def __init__(
@@ -123,6 +131,7 @@ class GLADModel(nn.Module):
         border_bands: int = 16,
         noise_draws: int = 2,
         score_top_k_fraction: float = 0.05,
+        extra_features: Sequence[FeatureExtractorName] = (),
     ) -> None:
         super().__init__()
         _check_inference_config(
@@ -135,6 +144,7 @@ class GLADModel(nn.Module):
             border_bands,
             noise_draws,
             score_top_k_fraction,
+            extra_features,
         )
         self.unet_config = unet
         self.unet = build_unet(unet)
@@ -171,14 +181,19 @@ class GLADModel(nn.Module):
         self.top_k_fraction = top_k_fraction
         self.score_top_k_fraction = score_top_k_fraction
         self.feature_extractor_name = feature_extractor
-        if feature_extractor == "unet":
-            self.features = UNetEncoderFeatures(self.ema_unet, feature_layers, feature_timestep)
-        else:
-            self.features = EfficientNetLite0Features(feature_layers)
+        self.feature_timestep = feature_timestep
+        self.features = self.feature_network(feature_extractor, feature_layers)
+        self.extra_feature_names = tuple(name for name in extra_features if name != feature_extractor)
+        try:
+            extras = [self.feature_network(name, DEFAULT_FEATURE_LAYERS[name]) for name in self.extra_feature_names]
+        except ImportError as error:
+            msg = f"{error} Or score GLAD without them: extra_features=[] (the own encoder's distance alone)."
+            raise ImportError(msg) from error
+        self.extra_features = nn.ModuleList(extras)
         self.inference_noise = FixedNoiseDraws(unet.in_channels, noise_seed, noise_draws)
         self.blur = SeparableGaussianBlur(anomaly_map_sigma)
-        # Mean 0 and spread 1 until calibration fits them: the plain blurred distance.
-        self.map_statistics = BorderStandardiser(1, border_bands)
+        # Mean 0 and spread 1 until calibration fits them: the plain blurred distances.
+        self.map_statistics = BorderStandardiser(1 + len(self.extra_features), border_bands)
         steps = len(self.search_timesteps)
         # Calibrated at the end of fitting on held-out normal training images (see GLAD.calibrate).
         self.register_buffer("tau", torch.full((steps,), torch.inf))
@@ -189,6 +204,19 @@ class GLADModel(nn.Module):
         self.ramp_low: torch.Tensor
         self.ramp_high: torch.Tensor
         self.fitted: torch.Tensor
+
+    def feature_network(self, name: str, layers: Sequence[int]) -> nn.Module:
+        """The feature maps ``name`` compares: the EMA U-Net's encoder or the ImageNet EfficientNet-Lite0's."""
+        if name == "unet":
+            return UNetEncoderFeatures(self.ema_unet, layers, self.feature_timestep)
+        return EfficientNetLite0Features(layers)
+
+    def drop_extra_features(self) -> None:
+        """Score with ``feature_extractor``'s distance alone (checkpoints fitted before ``extra_features`` existed)."""
+        device = self.map_statistics.mean.device
+        self.extra_feature_names = ()
+        self.extra_features = nn.ModuleList()
+        self.map_statistics = BorderStandardiser(1, self.map_statistics.bands).to(device)
 
     # -- training ----------------------------------------------------------------------------
 
@@ -233,21 +261,27 @@ class GLADModel(nn.Module):
 
     def forward(self, images: torch.Tensor) -> InferenceBatch:
         """``(B, 3, H, W)`` images in ``[0, 1]`` -> ``InferenceBatch(pred_score, anomaly_map)``."""
-        anomaly_map = self.map_statistics(self.smoothed_distance(images))
+        anomaly_map = self.map_statistics(self.smoothed_distance(images)).mean(dim=1, keepdim=True)
         return InferenceBatch(pred_score=top_k_mean(anomaly_map, self.score_top_k_fraction), anomaly_map=anomaly_map)
 
     def smoothed_distance(self, images: torch.Tensor) -> torch.Tensor:
-        """``(B, 1, H, W)``: the blurred distance between the images (in ``[0, 1]``) and their reconstruction."""
+        """``(B, 1 + len(extra_features), H, W)``: the blurred distances between the images (in ``[0, 1]``) and their
+        reconstruction: ``feature_extractor``'s (with the pixel term), then each extra feature space's."""
         padded = self.pad(images * 2 - 1)
         # Every noise draw in one batch, draw-major: (draws * B, 3, H, W).
         samples, noise = self.inference_noise.batch(padded)
         reconstruction = self.reconstruct(samples, noise=noise).reconstruction
         height, width = images.shape[-2:]
-        distance = self.distance_map(padded, reconstruction, copies=len(self.inference_noise))[..., :height, :width]
+        copies = len(self.inference_noise)
+        distances = [self.distance_map(padded, reconstruction, copies=copies)]
+        distances += [
+            self.feature_distance(features, padded, reconstruction, copies=copies) for features in self.extra_features
+        ]
+        distance = torch.cat(distances, dim=1)[..., :height, :width]
         return self.blur(self.inference_noise.average(distance))
 
     def map_moments(self, images: torch.Tensor) -> torch.Tensor:
-        """``(B, 1, border_bands, 2)``: :func:`band_moments` of the smoothed distance (what calibration fits on)."""
+        """``(B, C, border_bands, 2)``: :func:`band_moments` of the smoothed distances (what calibration fits on)."""
         return band_moments(self.smoothed_distance(images), self.map_statistics.bands)
 
     def _load_from_state_dict(self, state_dict: dict[str, torch.Tensor], prefix: str, *args: object) -> None:
@@ -319,13 +353,22 @@ class GLADModel(nn.Module):
         ``copies`` images per ``first`` image, draw-major (``copies * B``; the reconstructions of several noise
         draws): ``first``'s features are computed once and compared with each copy.
         """
+        distance = self.feature_distance(self.features, first, second, copies)
+        if self.pixel_weight:
+            first = first.repeat(copies, 1, 1, 1) if copies > 1 else first
+            distance = distance + self.pixel_weight * pixel_gradient_distance(first, second, self.neighbourhood_radius)
+        return distance
+
+    def feature_distance(
+        self, features: nn.Module, first: torch.Tensor, second: torch.Tensor, copies: int = 1
+    ) -> torch.Tensor:
+        """``(copies * B, 1, H, W)``: mean over ``features``' layers of the neighbourhood cosine distance."""
         batch, _, height, width = first.shape
-        both = self.features(torch.cat([first, second]))
+        both = features(torch.cat([first, second]))
 
         def tiled(tensor: torch.Tensor) -> torch.Tensor:
             return tensor.repeat(copies, 1, 1, 1) if copies > 1 else tensor
 
-        first = tiled(first)
         layers = [
             F.interpolate(
                 # Slicing, not chunk(2): chunk's size arithmetic pins a dynamic batch during torch.export.
@@ -338,10 +381,7 @@ class GLADModel(nn.Module):
             )
             for feature in both
         ]
-        distance = torch.stack(layers).mean(dim=0)
-        if self.pixel_weight:
-            distance = distance + self.pixel_weight * pixel_gradient_distance(first, second, self.neighbourhood_radius)
-        return distance
+        return torch.stack(layers).mean(dim=0)
 
     def top_k_mean(self, maps: torch.Tensor) -> torch.Tensor:
         """``(B,)`` mean of the highest ``top_k_fraction`` of each map's values (a search step's discrepancy)."""
@@ -358,6 +398,7 @@ def _check_inference_config(
     border_bands: int = 1,
     noise_draws: int = 1,
     score_top_k_fraction: float = 0.05,
+    extra_features: Sequence[str] = (),
 ) -> None:
     """Reject settings that would otherwise fail deep inside torch or diffusers, naming every problem."""
     problems = []
@@ -367,8 +408,13 @@ def _check_inference_config(
         problems.append(
             f"need 0 <= min_timestep ({min_timestep}) <= start_timestep ({start_timestep}) < {NUM_TRAIN_TIMESTEPS}"
         )
-    if feature_extractor not in {"unet", "efficientnet_lite0"}:
+    if feature_extractor not in FEATURE_EXTRACTORS:
         problems.append(f"feature_extractor={feature_extractor!r} must be 'unet' or 'efficientnet_lite0'")
+    extras = list(extra_features)
+    if unknown := [name for name in extras if name not in FEATURE_EXTRACTORS]:
+        problems.append(f"extra_features={extras!r}: {unknown!r} unknown (choose from {list(FEATURE_EXTRACTORS)})")
+    elif len(set(extras)) != len(extras):
+        problems.append(f"extra_features={extras!r} names a feature space twice")
     for name, fraction in (("top_k_fraction", top_k_fraction), ("score_top_k_fraction", score_top_k_fraction)):
         if problem := share_problem(name, fraction):
             problems.append(problem)
