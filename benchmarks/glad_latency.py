@@ -26,6 +26,12 @@ Rerun (writes ``docs/benchmarks/glad_latency.md``; about 40 minutes on an idle 2
 Smoke test (prints only)::
 
     python benchmarks/glad_latency.py --quick
+
+What the default's ImageNet Lite0 distance costs, without the machine's drift between rows: ``--interleave N``
+exports GLAD's default and the default with ``extra_features=[]`` once, then times them in turn, ``N`` rounds of
+``--runs`` each, and prints each round and the median over rounds (OpenVINO FP32, 256x256; prints only)::
+
+    python benchmarks/glad_latency.py --interleave 6 --runs 5
 """
 
 import argparse
@@ -62,6 +68,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs before timing")
     parser.add_argument("--output", default=None, help=f"report path ('-' prints only; default {REPORT})")
     parser.add_argument("--quick", action="store_true", help="one small size, two step counts, 2 runs; prints only")
+    parser.add_argument(
+        "--interleave",
+        type=int,
+        default=0,
+        help="time the default against extra_features=[] in turn, this many rounds (OpenVINO FP32); prints only",
+    )
     return parser.parse_args(argv)
 
 
@@ -108,8 +120,32 @@ def measure(model: GLAD | RADAR, size: int, work: Path, name: str, warmup: int, 
     return {"torch": eager, "openvino": openvino}
 
 
+def interleaved(rounds: int, runs: int, warmup: int, size: int = 256) -> None:
+    """Time GLAD's default and its ``extra_features=[]`` variant in turn, so that both see the same machine."""
+    image = torch.rand(1, 3, size, size).numpy()
+    requests = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for name, settings in (("default", {}), ("extra_features=[]", {"extra_features": []})):
+            xml = fitted_glad(size, *DEFAULTS, **settings).to_openvino(Path(scratch) / name.replace("=[]", ""))
+            requests[name] = ov.Core().compile_model(xml, "CPU", OPENVINO_CONFIG).create_infer_request()
+        times: dict[str, list[float]] = {name: [] for name in requests}
+        for round_index in range(rounds):
+            for name, request in requests.items():
+                times[name].append(median_ms(lambda request=request: request.infer(image), warmup, runs))
+            print(f"round {round_index}: " + ", ".join(f"{name} {values[-1]:.0f} ms" for name, values in times.items()))
+    print(
+        f"median over {rounds} rounds (each the median of {runs} runs), OpenVINO FP32 {size}x{size}: "
+        + ", ".join(f"{name} {statistics.median(values):.0f} ms" for name, values in times.items())
+    )
+    print(machine_line())
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.interleave:
+        seed_everything(0)
+        interleaved(args.interleave, args.runs or 5, args.warmup)
+        return
     sizes = args.sizes[:1] if args.quick else args.sizes
     step_values = args.steps[:2] if args.quick else args.steps
     runs = args.runs or (2 if args.quick else 10)
