@@ -67,16 +67,13 @@ def draw(
     """``count`` generated defects of one type: ``(images, masks, their statistics, their DAM pastes' statistics)``."""
     images, masks, generated, pasted = [], [], [], []
     for start in range(0, count, 8):
-        size = min(8, count - start)
-        backgrounds = normal_images[torch.randint(len(normal_images), (size,))]
-        outputs, batch_masks, pastes = model._paste_then_generate(
-            backgrounds, torch.ones(size, dtype=torch.bool), torch.full((size,), defect_type)
+        outputs, batch_masks, backgrounds, pastes = model._generated_draw(
+            normal_images, defect_type, min(8, count - start)
         )
-        present = batch_masks.flatten(1).any(dim=1)
-        images.append(outputs[present].cpu())
-        masks.append(batch_masks[present].cpu())
-        generated.append(colour_statistics(outputs[present], backgrounds[present], batch_masks[present]))
-        pasted.append(colour_statistics(pastes[present], backgrounds[present], batch_masks[present]))
+        images.append(outputs.cpu())
+        masks.append(batch_masks.cpu())
+        generated.append(colour_statistics(outputs, backgrounds, batch_masks))
+        pasted.append(colour_statistics(pastes, backgrounds, batch_masks))
     return torch.cat(images), torch.cat(masks), torch.cat(generated), torch.cat(pasted)
 
 

@@ -610,6 +610,19 @@ class DADDA(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
             return None
         return DefectBank.from_images(torch.cat(images), torch.cat(masks), names, type_names=self.type_names)
 
+    def _generated_draw(
+        self, normal_images: torch.Tensor, defect_type: int, size: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``size`` generated defects of one type on normal images drawn at random.
+
+        Returns ``(generated, masks, backgrounds, DAM pastes)``, draws whose mask came out empty left out.
+        """
+        backgrounds = normal_images[torch.randint(len(normal_images), (size,))]
+        requested = torch.full((size,), defect_type, dtype=torch.long)
+        outputs, masks, pastes = self._paste_then_generate(backgrounds, torch.ones(size, dtype=torch.bool), requested)
+        present = masks.flatten(1).any(dim=1)
+        return outputs[present], masks[present], backgrounds[present], pastes[present]
+
     def _visible_generated(
         self, normal_images: torch.Tensor, defect_type: int, bar: tqdm
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -625,16 +638,11 @@ class DADDA(CheckpointOwnerMixin, FittedModuleMixin, AnomalibModule):
         drawn, passed, count = 0, torch.zeros(0, dtype=torch.bool), 0
         while drawn < attempts and count < self.generated_pool:
             size = min(per_batch, attempts - drawn, self.generated_pool - count)
-            backgrounds = normal_images[torch.randint(len(normal_images), (size,))]
-            requested = torch.full((size,), defect_type, dtype=torch.long)
-            outputs, batch_masks, pastes = self._paste_then_generate(
-                backgrounds, torch.ones(size, dtype=torch.bool), requested
-            )
-            present = batch_masks.flatten(1).any(dim=1)
-            images.append(outputs[present].cpu())
-            masks.append(batch_masks[present].cpu())
-            generated_change.append(change_inside(outputs[present], backgrounds[present], batch_masks[present]))
-            pasted_change.append(change_inside(pastes[present], backgrounds[present], batch_masks[present]))
+            outputs, batch_masks, backgrounds, pastes = self._generated_draw(normal_images, defect_type, size)
+            images.append(outputs.cpu())
+            masks.append(batch_masks.cpu())
+            generated_change.append(change_inside(outputs, backgrounds, batch_masks))
+            pasted_change.append(change_inside(pastes, backgrounds, batch_masks))
             drawn += size
             reference = torch.cat(pasted_change)  # every draw of the type so far, not this batch's alone
             bar_change = self.generated_min_change * reference.median() if len(reference) else 0.0
