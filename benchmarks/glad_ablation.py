@@ -24,17 +24,24 @@ Rerun (writes ``docs/benchmarks/glad_ablation.md``; about 14 minutes per categor
         --categories hard-grain paper-torchon waveflex --held-out hard-grain paper-torchon waveflex \
         --figure docs/figures/glad_ablation.png
 
+With ``--work-dir`` each category's rows are kept there as it finishes (``rows/<category>.json``); the same command
+with ``--resume`` takes those and computes only the rest, so a run cut short loses one category at most. The page
+says which rows were taken, and from when. (The figure is drawn with the first category: resuming that category keeps
+the figure its run drew.)
+
 Smoke test (one category, tiny data, a few steps; prints only)::
 
     python benchmarks/glad_ablation.py --quick
 """
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -55,6 +62,7 @@ from common import (
     machine_line,
     markdown_table,
     publish,
+    write_atomically,
 )
 from report import TestOutputs, datamodule, raw_outputs, raw_test_outputs
 
@@ -89,7 +97,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", default=None, help=f"report path ('-' prints only; default {REPORT})")
     parser.add_argument("--figure", default=None, help=f"figure path ('-': none; default {FIGURE})")
     parser.add_argument("--quick", action="store_true", help="tiny data and model, a few steps; prints only")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="take each category whose rows --work-dir already holds from an earlier run with the same settings and "
+        "seeds (every category's rows are kept there as it finishes); compute only the others",
+    )
     args = parser.parse_args(argv)
+    if args.resume and args.work_dir is None:
+        parser.error("--resume needs --work-dir: the folder an earlier run kept its rows in.")
     args.categories = args.categories or list(DEMO_CATEGORIES)
     check_categories(args.categories, args.textures)
     if unknown := sorted(set(args.held_out) - set(args.categories)):
@@ -220,14 +236,39 @@ def main(argv: Sequence[str] | None = None) -> None:
         data_root = work / f"data_seed{args.data_seed}"
         sizes = {"n_train": 8, "n_test_good": 4, "n_test_per_defect": 2, "image_size": 64} if args.quick else None
         build_categories(data_root, categories, args.textures, seed=args.data_seed, sizes=sizes)
-        start = time.perf_counter()
-        rows = []
+        rows, minutes, resumed = [], 0.0, []
         for category in categories:
+            cache = work / "rows" / f"{category}.json"
+            key = {"settings": repr(settings), "seed": args.seed, "data_seed": args.data_seed}
+            if args.resume and cache.is_file():
+                kept = json.loads(cache.read_text())
+                if kept["key"] != key:
+                    raise SystemExit(
+                        f"{cache} was written with {kept['key']}, this run has {key}: rerun without --resume, or "
+                        "with another --work-dir."
+                    )
+                print(f"{category}: rows of {kept['date']} taken from {cache}", flush=True)
+                rows += kept["rows"]
+                minutes += kept["minutes"]
+                resumed.append(f"{category} ({kept['date']})")
+                continue
             figure = None if args.figure == "-" or (args.quick and args.figure is None) else Path(args.figure or FIGURE)
-            rows += run_category(
+            start = time.perf_counter()
+            category_rows = run_category(
                 data_root, category, settings, args.seed, work, figure if category == categories[0] else None
             )
-        minutes = (time.perf_counter() - start) / 60
+            category_minutes = (time.perf_counter() - start) / 60
+            if args.work_dir is not None:
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                kept = {
+                    "key": key,
+                    "date": datetime.now().strftime("%Y-%m-%d"),
+                    "minutes": category_minutes,
+                    "rows": category_rows,
+                }
+                write_atomically(cache, json.dumps(kept, indent=1))
+            rows += category_rows
+            minutes += category_minutes
     header = ["category", "variant", "image AUROC", "pixel AUROC", "ATP", "ADS + SAFF", "U-Net calls"]
     shown = [
         [f"{row[0]} (held out)" if row[0] in args.held_out else row[0], labelled(row[1]), *row[2:]] for row in rows
@@ -264,6 +305,15 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"- The 10-step rows run the ATP weights with `{SLOW_STEPS}` (DDIM steps every 100 timesteps, same start "
             "and search range) instead of the default 5.",
             "- Image / pixel AUROC: scikit-learn on the raw scores and maps of `Engine.test` (as report.py).",
+            *(
+                [
+                    f"- Resumed: the rows of {', '.join(resumed)} come from an earlier run of this command with the "
+                    "same settings and seeds (`--resume`, the work dir's rows); the minutes are the sum of each "
+                    "category's own."
+                ]
+                if resumed
+                else []
+            ),
             machine_line(),
             "",
         ]
