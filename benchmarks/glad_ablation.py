@@ -237,9 +237,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         sizes = {"n_train": 8, "n_test_good": 4, "n_test_per_defect": 2, "image_size": 64} if args.quick else None
         build_categories(data_root, categories, args.textures, seed=args.data_seed, sizes=sizes)
         rows, minutes, resumed = [], 0.0, []
+        key = {"settings": repr(settings), "seed": args.seed, "data_seed": args.data_seed}  # what a kept row must match
         for category in categories:
             cache = work / "rows" / f"{category}.json"
-            key = {"settings": repr(settings), "seed": args.seed, "data_seed": args.data_seed}
             if args.resume and cache.is_file():
                 kept = json.loads(cache.read_text())
                 if kept["key"] != key:
