@@ -23,7 +23,7 @@ One command writes ``docs/benchmarks.md`` and the PNG figures it shows (``docs/f
 Rerun (writes the page and figures; the demo data is generated when --root is not given)::
 
     # the committed page: the demo brick and the six devbench textures at the issues' budget, the held-out half
-    # apart (about 2 h here; the same --work-dir resumes an interrupted run)
+    # apart (about 2.5 h here; the same --work-dir resumes an interrupted run)
     python benchmarks/report.py --config configs/benchmark_devbench.yaml --textures ../shared/devbench/textures \
         --categories brick bump-relief melt vegetal hard-grain paper-torchon waveflex \
         --held-out hard-grain paper-torchon waveflex --work-dir runs/report-devbench
@@ -60,7 +60,6 @@ import yaml
 from anomalib.data import MVTecAD
 from anomalib.data.utils import ValSplitMode
 from anomalib.deploy import CompressionType, ExportType
-from anomalib.engine import Engine
 from anomalib.metrics import AUPRO, AUROC, Evaluator, F1Score
 from anomalib.models.components import AnomalibModule
 from lightning import Callback, seed_everything
@@ -202,8 +201,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--work-dir",
         type=Path,
         default=None,
-        help="keep data, runs and exports here; rerun with the same folder to resume an interrupted run (the quality "
-        "results of every category but the first, whose models are exported, are reused where data, seed and settings match)",
+        help="keep data, runs and exports here; rerun with the same folder to resume an interrupted run (every model's "
+        "results are reused where data, seed and settings match; the first category's models, which are exported, are "
+        "reloaded from their checkpoints)",
     )
     parser.add_argument("--output", default=None, help=f"page path ('-' prints only; default {REPORT})")
     parser.add_argument("--figures", type=Path, default=None, help=f"folder for the PNGs (default {FIGURES})")
@@ -323,7 +323,7 @@ def raw_test_outputs(batches: Sequence) -> tuple[list[float], list[int], np.ndar
 
 def train_and_score(
     name: str, settings: dict, data: MVTecAD, root: Path, seed: int
-) -> tuple[AnomalibModule, Engine, Run]:
+) -> tuple[AnomalibModule, Path, Run]:
     seed_everything(seed, workers=True)
     model = build(name, settings)
     collector = TestOutputs()
@@ -356,26 +356,33 @@ def train_and_score(
     metrics["image_AUROC"] = float(roc_auc_score(labels, scores))
     metrics["pixel_AUROC"] = float(roc_auc_score(masks, pixels))
     print(f"{name}: fit {fit_seconds:.0f} s, {metrics}", flush=True)
-    return model, runner, Run(metrics, fit_seconds, np.asarray(scores), np.asarray(labels), maps)
+    callback = runner.trainer.checkpoint_callback
+    checkpoint = Path(callback.best_model_path or callback.last_model_path)
+    return model, checkpoint, Run(metrics, fit_seconds, np.asarray(scores), np.asarray(labels), maps)
 
 
-def load_run(path: Path, key: dict) -> Run | None:
-    """A run saved by an earlier, interrupted report under the same key (``--work-dir``), or None."""
+def load_run(path: Path, key: dict) -> tuple[Run, Path | None] | None:
+    """A run saved by an earlier, interrupted report under the same key (``--work-dir``) and its model's checkpoint
+    (None where the run saved none, or it is gone), or None."""
     if not path.is_file():
         return None
     saved = pickle.loads(path.read_bytes())  # noqa: S301 - written by this script into the user's own work dir
-    return saved["run"] if saved.get("key") == key else None
+    if saved.get("key") != key:
+        return None
+    checkpoint = saved.get("checkpoint")
+    return saved["run"], Path(checkpoint) if checkpoint and Path(checkpoint).is_file() else None
 
 
-def save_run(path: Path, run: Run, key: dict) -> None:
-    write_atomically(path, pickle.dumps({"run": run, "key": key}))
+def save_run(path: Path, run: Run, key: dict, checkpoint: Path) -> None:
+    write_atomically(path, pickle.dumps({"run": run, "key": key, "checkpoint": str(checkpoint.resolve())}))
 
 
 def export(
-    model: AnomalibModule, runner: Engine, name: str, root: Path, category: str, seed: int, out: Path
+    model: AnomalibModule, trained_checkpoint: Path, name: str, root: Path, category: str, seed: int, out: Path
 ) -> tuple[dict[str, Path], str | None]:
     """Torch, OpenVINO FP32 and (in a child process, which a crash costs only a table cell) OpenVINO INT8."""
     model.eval()
+    runner = engine(out)
     exports = {
         "torch": runner.export(model=model, export_type=ExportType.TORCH, export_root=out / "torch"),
     }
@@ -385,10 +392,7 @@ def export(
         )
     if CompressionType.INT8_PTQ in getattr(model, "REFUSED_COMPRESSION", ()):
         return exports, f"{name} refuses INT8_PTQ (activation quantisation breaks its map; see its docs)"
-    callback = runner.trainer.checkpoint_callback
-    checkpoint = torch.load(
-        callback.best_model_path or callback.last_model_path, map_location="cpu", weights_only=False
-    )
+    checkpoint = torch.load(trained_checkpoint, map_location="cpu", weights_only=False)
     # The report's evaluator (AUPRO keeps a buffer) is not part of the model the exporter rebuilds.
     checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("evaluator.")}
     source = out / "int8_source.ckpt"
@@ -454,7 +458,7 @@ def peak_rss_mb(model_path: Path) -> float:
 
 
 def deploy(
-    models: dict[str, tuple[AnomalibModule, Engine]],
+    models: dict[str, tuple[AnomalibModule, Path]],
     root: Path,
     category: str,
     seed: int,
@@ -472,8 +476,8 @@ def deploy(
     )
     test_data.setup()
     deployments = {}
-    for name, (model, runner) in models.items():
-        exports, note = export(model, runner, name, root, category, seed, work / "exports" / name)
+    for name, (model, checkpoint) in models.items():
+        exports, note = export(model, checkpoint, name, root, category, seed, work / "exports" / name)
         reference = torch_scores(model, test_data)
         # The gap as users see it: on normalised scores (threshold 0.5), which the measured IRs leave out.
         reference_normalised = normalised_scores(model, reference)
@@ -942,7 +946,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         elif not all((root / category / "train" / "good").is_dir() for category in categories):
             raise SystemExit(f"{root} is not an MVTec AD-layout folder with {categories} (each needs train/good).")
         results: dict[str, dict[str, Run]] = {}
-        trained: dict[str, tuple[AnomalibModule, Engine]] = {}
+        trained: dict[str, tuple[AnomalibModule, Path]] = {}  # the first category's models, for the exports
         for category in categories:
             data = datamodule(root, category, seed, batch)
             results[category] = {}
@@ -950,15 +954,21 @@ def main(argv: Sequence[str] | None = None) -> None:
                 run_dir = work / "runs" / category / name
                 # A saved run counts only for the same data, settings, seed and batch.
                 key = {"root": str(root.resolve()), "settings": settings, "seed": seed, "batch": batch}
-                if category != categories[0] and (run := load_run(run_dir / "run.pkl", key)) is not None:
+                exported = category == categories[0] and not args.quality_only
+                saved = load_run(run_dir / "run.pkl", key)
+                # The exported category's model is reloaded from its checkpoint; without one it is trained again.
+                if saved is not None and (not exported or saved[1] is not None):
+                    run, checkpoint = saved
                     print(f"{category} {name}: reused {run_dir / 'run.pkl'} (fit {run.fit_seconds:.0f} s)", flush=True)
                     results[category][name] = run
+                    if exported:
+                        trained[name] = (getattr(anomalib.models, name).load_from_checkpoint(checkpoint), checkpoint)
                     continue
-                model, runner, run = train_and_score(name, settings, data, run_dir, seed)
+                model, checkpoint, run = train_and_score(name, settings, data, run_dir, seed)
                 results[category][name] = run
-                save_run(run_dir / "run.pkl", run, key)
-                if category == categories[0]:
-                    trained[name] = (model, runner)
+                save_run(run_dir / "run.pkl", run, key, checkpoint)
+                if exported:
+                    trained[name] = (model, checkpoint)
         if args.quality_only:
             text = render_quality(args, (time.perf_counter() - start) / 60, grid, results, argv)
             print(text)
