@@ -37,6 +37,7 @@ Smoke test (tiny data and models; prints, writes nothing unless --output is give
 """
 
 import argparse
+import io
 import json
 import os
 import pickle
@@ -63,6 +64,7 @@ from anomalib.deploy import CompressionType, ExportType
 from anomalib.metrics import AUPRO, AUROC, Evaluator, F1Score
 from anomalib.models.components import AnomalibModule
 from lightning import Callback, seed_everything
+from lightning.pytorch.trainer.states import TrainerFn
 from sklearn.metrics import roc_auc_score, roc_curve
 from torchvision.transforms.v2 import Resize
 
@@ -77,6 +79,7 @@ from common import (
     command_line,
     engine,
     file_size_mb,
+    machine_info,
     machine_line,
     markdown_table,
     openvino_quality,
@@ -324,6 +327,7 @@ def raw_test_outputs(batches: Sequence) -> tuple[list[float], list[int], np.ndar
 def train_and_score(
     name: str, settings: dict, data: MVTecAD, root: Path, seed: int
 ) -> tuple[AnomalibModule, Path, Run]:
+    """Train and test one model in ``root``: the model, its checkpoint (``root/model.ckpt``) and its results."""
     seed_everything(seed, workers=True)
     model = build(name, settings)
     collector = TestOutputs()
@@ -357,8 +361,15 @@ def train_and_score(
     metrics["pixel_AUROC"] = float(roc_auc_score(masks, pixels))
     print(f"{name}: fit {fit_seconds:.0f} s, {metrics}", flush=True)
     callback = runner.trainer.checkpoint_callback
-    checkpoint = Path(callback.best_model_path or callback.last_model_path)
-    return model, checkpoint, Run(metrics, fit_seconds, np.asarray(scores), np.asarray(labels), maps)
+    checkpoint = torch.load(
+        callback.best_model_path or callback.last_model_path, map_location="cpu", weights_only=False
+    )
+    # The report's evaluator (AUPRO keeps a buffer) is not part of the model anomalib rebuilds from a checkpoint.
+    checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("evaluator.")}
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    write_atomically(root / "model.ckpt", buffer.getvalue())
+    return model, root / "model.ckpt", Run(metrics, fit_seconds, np.asarray(scores), np.asarray(labels), maps)
 
 
 def load_run(path: Path, key: dict) -> tuple[Run, Path | None] | None:
@@ -392,13 +403,8 @@ def export(
         )
     if CompressionType.INT8_PTQ in getattr(model, "REFUSED_COMPRESSION", ()):
         return exports, f"{name} refuses INT8_PTQ (activation quantisation breaks its map; see its docs)"
-    checkpoint = torch.load(trained_checkpoint, map_location="cpu", weights_only=False)
-    # The report's evaluator (AUPRO keeps a buffer) is not part of the model the exporter rebuilds.
-    checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("evaluator.")}
-    source = out / "int8_source.ckpt"
-    source.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(checkpoint, source)
-    command = [sys.executable, __file__, "--int8-export-worker", str(source), name, str(root), category, str(seed)]
+    command = [sys.executable, __file__, "--int8-export-worker", str(trained_checkpoint), name, str(root), category]
+    command.append(str(seed))
     command.append(str(out / "int8"))
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     path = out / "int8" / "weights" / "openvino" / "model.xml"
@@ -947,13 +953,20 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise SystemExit(f"{root} is not an MVTec AD-layout folder with {categories} (each needs train/good).")
         results: dict[str, dict[str, Run]] = {}
         trained: dict[str, tuple[AnomalibModule, Path]] = {}  # the first category's models, for the exports
+        machine = {key: value for key, value in machine_info().items() if key != "Python"}  # not the kernel's build
         for category in categories:
             data = datamodule(root, category, seed, batch)
+            # Split once, from the seed, before any model: anomalib's synthetic validation split draws from the global
+            # random streams (pandas' sample, its Perlin generator). Left to the first model's fit, it would shift that
+            # model's training draws (and no other's) and make the split depend on which model comes first.
+            seed_everything(seed, workers=True)
+            data.setup(TrainerFn.FITTING)
             results[category] = {}
             for name, settings in grid.items():
                 run_dir = work / "runs" / category / name
-                # A saved run counts only for the same data, settings, seed and batch.
+                # A saved run counts only for the same data, settings, seed, batch and machine (the page names one).
                 key = {"root": str(root.resolve()), "settings": settings, "seed": seed, "batch": batch}
+                key |= {"protocol": "split before the models", "machine": machine}
                 exported = category == categories[0] and not args.quality_only
                 saved = load_run(run_dir / "run.pkl", key)
                 # The exported category's model is reloaded from its checkpoint; without one it is trained again.
