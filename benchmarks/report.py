@@ -372,14 +372,14 @@ def train_and_score(
     return model, root / "model.ckpt", Run(metrics, fit_seconds, np.asarray(scores), np.asarray(labels), maps)
 
 
-def load_run(path: Path, key: dict) -> tuple[Run, Path | None] | None:
-    """A run saved by an earlier, interrupted report under the same key (``--work-dir``) and its model's checkpoint
-    (None where the run saved none, or it is gone), or None."""
+def load_run(path: Path, key: dict) -> tuple[Run | None, Path | None]:
+    """A run saved by an earlier, interrupted report under the same key (``--work-dir``) and its model's checkpoint;
+    None for either that is not there."""
     if not path.is_file():
-        return None
+        return None, None
     saved = pickle.loads(path.read_bytes())  # noqa: S301 - written by this script into the user's own work dir
     if saved.get("key") != key:
-        return None
+        return None, None
     checkpoint = saved.get("checkpoint")
     return saved["run"], Path(checkpoint) if checkpoint and Path(checkpoint).is_file() else None
 
@@ -404,8 +404,7 @@ def export(
     if CompressionType.INT8_PTQ in getattr(model, "REFUSED_COMPRESSION", ()):
         return exports, f"{name} refuses INT8_PTQ (activation quantisation breaks its map; see its docs)"
     command = [sys.executable, __file__, "--int8-export-worker", str(trained_checkpoint), name, str(root), category]
-    command.append(str(seed))
-    command.append(str(out / "int8"))
+    command += [str(seed), str(out / "int8")]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     path = out / "int8" / "weights" / "openvino" / "model.xml"
     if result.returncode != 0 or not path.is_file():
@@ -968,10 +967,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                 key = {"root": str(root.resolve()), "settings": settings, "seed": seed, "batch": batch}
                 key |= {"protocol": "split before the models", "machine": machine}
                 exported = category == categories[0] and not args.quality_only
-                saved = load_run(run_dir / "run.pkl", key)
+                run, checkpoint = load_run(run_dir / "run.pkl", key)
                 # The exported category's model is reloaded from its checkpoint; without one it is trained again.
-                if saved is not None and (not exported or saved[1] is not None):
-                    run, checkpoint = saved
+                if run is not None and (not exported or checkpoint is not None):
                     print(f"{category} {name}: reused {run_dir / 'run.pkl'} (fit {run.fit_seconds:.0f} s)", flush=True)
                     results[category][name] = run
                     if exported:
