@@ -75,6 +75,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np
 import torch
+from common import engine
 from dadda_federated import few_defects
 from report import datamodule, train_and_score
 from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
@@ -242,7 +243,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                     data = few_defects(args.root, category, args.k, batch=8)
                 else:
                     data = datamodule(args.root, category, args.seed, batch=8)
-                model, runner, result = train_and_score("DADDA", settings, data, Path(work), args.seed)
+                model, _checkpoint, result = train_and_score("DADDA", settings, data, Path(work), args.seed)
+                runner = engine(Path(work) / "heads")  # the heads below are tested on the trained model
                 heads, variants = {}, {}
                 if args.head_variants:
                     variants = head_variants(model, runner, data, args.head_samples)
